@@ -1,0 +1,163 @@
+"""File I/O at the edges: images, JSON, and atomic writes.
+
+Every output is written to a temporary path beside its target and renamed into place, so a stage killed
+half-way never leaves a file or folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from weakseg.errors import UserInputError
+
+
+class ImageReadError(UserInputError):
+    """Raised when an image file cannot be read as expected."""
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Reads an image as an ``(H, W, 3)`` uint8 RGB array.
+
+    Raises:
+        ImageReadError: naming the file, if it is missing, corrupt or not RGB-convertible.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("RGB", "RGBA", "L", "P", "I;16", "I"):
+                raise ImageReadError(f"{path}: unsupported image mode {image.mode}, expected RGB")
+            array = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
+    return np.ascontiguousarray(array)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Reads a single-channel mask as a boolean ``(H, W)`` array (pixels >= 128 are foreground).
+
+    Raises:
+        ImageReadError: naming the file, if it is missing or corrupt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = np.asarray(image.convert("L"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageReadError(f"{path}: cannot decode mask ({error})") from None
+    return array >= 128
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Reads a single-channel 8-bit image (a CAM heatmap) as a uint8 ``(H, W)`` array."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("L")).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
+
+
+def _temporary_sibling(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary file path that is renamed to ``path`` only if the block succeeds."""
+    path = Path(path)
+    temporary = _temporary_sibling(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """Writes a uint8 array (``(H, W)``, ``(H, W, 3)``) or a boolean mask (as 0/255) as PNG, atomically."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8:
+        raise TypeError(f"{path}: expected uint8 or bool pixels, got {array.dtype}")
+    with atomic_path(path) as temporary:
+        # PNG metadata is left out so that equal pixels give equal bytes (DVC's cache relies on it).
+        Image.fromarray(array).save(temporary, format="PNG", optimize=False, compress_level=6)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Writes JSON with sorted keys atomically (stable bytes for DVC)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Reads a JSON file, naming the file in any error."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary folder that replaces ``path`` only if the block succeeds.
+
+    A stage writes all of one output folder inside the block; if it is killed or fails, the previous
+    folder (or none) stays and the temporary one is removed (or left under a dotted name that no stage
+    reads, if the process was killed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield temporary
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(temporary, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Removes temporary siblings left by a killed process (names starting with '.' and ending '.tmp')."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") and (entry.name.endswith(".tmp") or entry.name.endswith(".old")):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)

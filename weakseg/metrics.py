@@ -1,0 +1,183 @@
+"""Segmentation and classification metrics.
+
+Segmentation metrics are pooled: confusion counts are summed over every pixel of every tile (negative
+tiles included, so false positives on them count) before the ratio is taken. Every metric is defined on
+empty inputs (an empty prediction of an empty truth scores 1.0, never NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class PixelCounts:
+    """Confusion counts of foreground pixels, summed over tiles."""
+
+    true_positive: int = 0
+    false_positive: int = 0
+    false_negative: int = 0
+    true_negative: int = 0
+
+    def add(self, prediction: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> "PixelCounts":
+        """Adds one tile's pixels (boolean arrays of one shape), optionally only inside ``where``."""
+        prediction, truth = _as_bool(prediction), _as_bool(truth)
+        if prediction.shape != truth.shape:
+            raise ValueError(f"prediction shape {prediction.shape} differs from truth shape {truth.shape}")
+        if where is not None:
+            where = _as_bool(where)
+            prediction, truth = prediction[where], truth[where]
+        self.true_positive += int(np.count_nonzero(prediction & truth))
+        self.false_positive += int(np.count_nonzero(prediction & ~truth))
+        self.false_negative += int(np.count_nonzero(~prediction & truth))
+        self.true_negative += int(np.count_nonzero(~prediction & ~truth))
+        return self
+
+    @property
+    def iou(self) -> float:
+        """Foreground IoU; 1.0 when neither prediction nor truth has foreground."""
+        return _ratio(self.true_positive, self.true_positive + self.false_positive + self.false_negative)
+
+    @property
+    def dice(self) -> float:
+        """Foreground Dice; 1.0 when neither prediction nor truth has foreground."""
+        return _ratio(2 * self.true_positive, 2 * self.true_positive + self.false_positive + self.false_negative)
+
+    @property
+    def background_iou(self) -> float:
+        """Background IoU; 1.0 when neither has background."""
+        return _ratio(self.true_negative, self.true_negative + self.false_positive + self.false_negative)
+
+    @property
+    def miou(self) -> float:
+        """Mean of background and foreground IoU."""
+        return (self.iou + self.background_iou) / 2.0
+
+
+def _as_bool(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    return array if array.dtype == bool else array > 0
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return 1.0 if denominator == 0 else float(numerator) / float(denominator)
+
+
+def tile_iou(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Foreground IoU of one tile (1.0 if both are empty)."""
+    return PixelCounts().add(prediction, truth).iou
+
+
+def tile_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Foreground Dice of one tile (1.0 if both are empty)."""
+    return PixelCounts().add(prediction, truth).dice
+
+
+def segmentation_scores(
+    predictions: Iterable[np.ndarray],
+    truths: Iterable[np.ndarray],
+    positives: Sequence[bool],
+) -> dict[str, float]:
+    """The pipeline's segmentation metrics over a set of tiles.
+
+    Args:
+        predictions: boolean masks, one per tile.
+        truths: boolean masks, one per tile.
+        positives: whether each tile's image label is positive.
+
+    Returns:
+        ``iou``, ``dice``, ``miou`` pooled over all pixels of all tiles, and ``iou_positive_mean``, the mean
+        per-tile foreground IoU over positive tiles (the paper's protocol; 0.0 with no positive tile, as
+        there is nothing to average, and reported with ``positive_tiles`` so a reader can tell).
+    """
+    pooled = PixelCounts()
+    per_tile: list[float] = []
+    count = 0
+    for prediction, truth, positive in zip(predictions, truths, positives, strict=True):
+        pooled.add(prediction, truth)
+        count += 1
+        if positive:
+            per_tile.append(tile_iou(prediction, truth))
+    return {
+        "iou": pooled.iou,
+        "dice": pooled.dice,
+        "miou": pooled.miou,
+        "iou_positive_mean": float(np.mean(per_tile)) if per_tile else 0.0,
+        "positive_tiles": len(per_tile),
+        "tiles": count,
+    }
+
+
+def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (rank statistic, ties counted half); 0.5 when only one class is present."""
+    labels_array = np.asarray(labels, dtype=bool)
+    scores_array = np.asarray(scores, dtype=np.float64)
+    positives = int(labels_array.sum())
+    negatives = int((~labels_array).sum())
+    if positives == 0 or negatives == 0:
+        return 0.5
+    from scipy.stats import rankdata  # average ranks handle ties
+
+    ranks = rankdata(scores_array)
+    rank_sum = float(ranks[labels_array].sum())
+    return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+
+
+def roc_curve_points(labels: Sequence[bool], scores: Sequence[float]) -> list[dict[str, float]]:
+    """ROC points ``{"fpr", "tpr", "threshold"}`` from the highest threshold down, for ``dvc plots``."""
+    labels_array = np.asarray(labels, dtype=bool)
+    scores_array = np.asarray(scores, dtype=np.float64)
+    positives = max(int(labels_array.sum()), 1)
+    negatives = max(int((~labels_array).sum()), 1)
+    points = [{"fpr": 0.0, "tpr": 0.0, "threshold": 1.0}]
+    for threshold in np.unique(scores_array)[::-1]:
+        predicted = scores_array >= threshold
+        points.append(
+            {
+                "fpr": float(np.count_nonzero(predicted & ~labels_array) / negatives),
+                "tpr": float(np.count_nonzero(predicted & labels_array) / positives),
+                "threshold": float(threshold),
+            }
+        )
+    if points[-1]["fpr"] != 1.0 or points[-1]["tpr"] != 1.0:
+        points.append({"fpr": 1.0, "tpr": 1.0, "threshold": 0.0})
+    return points
+
+
+def classification_scores(labels: Sequence[bool], scores: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
+    """Tile-level metrics of a binary decision.
+
+    Args:
+        labels: true labels (positive = True).
+        scores: predicted probabilities of the positive class.
+        threshold: a tile is predicted positive when its score is >= threshold.
+
+    Returns:
+        ``accuracy``, ``balanced_accuracy``, ``auc``, ``sensitivity``, ``specificity``. Sensitivity
+        (specificity) is 1.0 when there is no positive (negative) tile to miss, so values stay defined.
+    """
+    labels_array = np.asarray(labels, dtype=bool)
+    predicted = np.asarray(scores, dtype=np.float64) >= threshold
+    true_positive = int(np.count_nonzero(predicted & labels_array))
+    true_negative = int(np.count_nonzero(~predicted & ~labels_array))
+    sensitivity = _ratio(true_positive, int(labels_array.sum()))
+    specificity = _ratio(true_negative, int((~labels_array).sum()))
+    return {
+        "accuracy": _ratio(true_positive + true_negative, len(labels_array)),
+        "balanced_accuracy": (sensitivity + specificity) / 2.0,
+        "auc": roc_auc(labels_array, scores),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+    }
+
+
+def confusion_rows(labels: Sequence[bool], predicted: Sequence[bool], names: tuple[str, str]) -> list[dict[str, str]]:
+    """One row per tile ``{"actual", "predicted"}`` with class names, the format of ``dvc plots`` confusion."""
+    negative_name, positive_name = names
+    return [
+        {"actual": positive_name if actual else negative_name, "predicted": positive_name if guess else negative_name}
+        for actual, guess in zip(labels, predicted, strict=True)
+    ]

@@ -1,0 +1,78 @@
+"""What both training loops share: seeding, determinism, devices, tensors, and history files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from weakseg.io import atomic_path
+from weakseg.models import IMAGENET_MEAN, IMAGENET_STD
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def configure_determinism() -> None:
+    """Deterministic algorithms, so the same params give the same artifacts.
+
+    ``warn_only`` keeps CUDA runs possible where an op has no deterministic kernel; on CPU every op the
+    pipeline uses is deterministic.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def images_to_tensor(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 RGB tiles ``(N, H, W, 3)`` to a normalized float tensor ``(N, 3, H, W)`` (ImageNet statistics)."""
+    batch = torch.from_numpy(np.ascontiguousarray(np.stack(list(images)) if not isinstance(images, np.ndarray) else images))
+    if batch.ndim == 3:
+        batch = batch[None]
+    batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype).view(1, 3, 1, 1)
+    return batch.sub_(mean).div_(std)
+
+
+def preprocessing_record(tile_size: int) -> dict[str, Any]:
+    """What a checkpoint stores so inference prepares tiles exactly as training did."""
+    return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "tile_size": int(tile_size), "scale": 255.0}
+
+
+def write_history(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Writes per-epoch rows as CSV (a ``dvc plots`` source), atomically."""
+    if not rows:
+        raise ValueError(f"{path}: no history rows to write")
+    columns = list(rows[0].keys())
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
+
+
+def worker_seed(base_seed: int, worker_id: int) -> int:
+    """The seed of one data-loader worker, derived from the epoch's base seed."""
+    return (base_seed * 1_000_003 + worker_id) % (2**32)
