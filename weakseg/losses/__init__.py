@@ -1,0 +1,1 @@
+"""Losses: Focal Tversky for the classifier, Dice + Lovasz + BCE head for the segmenter."""

@@ -1,0 +1,94 @@
+"""In-memory tile datasets for both training stages.
+
+Tiles are decoded once into one uint8 array, so the data loader never waits on PNG decoding; augmentation
+is the only per-item work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from weakseg.data.layout import Tile
+from weakseg.io import read_mask, read_rgb
+from weakseg.models import IMAGENET_MEAN, IMAGENET_STD
+
+
+def load_tiles(folder: str | Path, tiles: Sequence[Tile], description: str = "loading tiles") -> np.ndarray:
+    """Decodes ``folder/NAME`` for each tile into one ``(N, H, W, 3)`` uint8 array.
+
+    Raises:
+        ImageReadError: naming a missing or corrupt file.
+        ValueError: if the tiles differ in size.
+    """
+    folder = Path(folder)
+    images = [read_rgb(folder / tile.name) for tile in tqdm(tiles, desc=description, leave=False)]
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise ValueError(f"{folder}: tiles differ in size {sorted(shapes)}; training needs one tile size")
+    return np.stack(images) if images else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+
+
+def load_masks(folder: str | Path, tiles: Sequence[Tile], description: str = "loading masks") -> np.ndarray:
+    """Decodes ``folder/NAME`` masks into one ``(N, H, W)`` boolean array."""
+    folder = Path(folder)
+    masks = [read_mask(folder / tile.name) for tile in tqdm(tiles, desc=description, leave=False)]
+    return np.stack(masks) if masks else np.zeros((0, 0, 0), dtype=bool)
+
+
+class TileDataset(Dataset):
+    """Tiles with their image labels and, optionally, masks, augmented identically.
+
+    Items are ``(image, label)`` or ``(image, label, mask)``: a normalized float tensor ``(3, H, W)``,
+    a float label (1.0 positive), and a float mask ``(1, H, W)``.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[bool] | np.ndarray,
+        masks: np.ndarray | None = None,
+        augmentation: A.Compose | None = None,
+    ) -> None:
+        if len(images) != len(labels) or (masks is not None and len(masks) != len(images)):
+            raise ValueError(
+                f"images ({len(images)}), labels ({len(labels)}) and masks "
+                f"({None if masks is None else len(masks)}) must have one entry per tile"
+            )
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.float32)
+        self.masks = masks
+        self.augmentation = augmentation
+        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255.0
+        self._std = np.asarray(IMAGENET_STD, dtype=np.float32) * 255.0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_augmentation_seed(self, seed: int) -> None:
+        """Re-seeds the augmentation pipeline (once per epoch, so epochs differ but runs repeat)."""
+        if self.augmentation is not None:
+            self.augmentation.set_random_seed(seed)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        image = self.images[index]
+        mask = None if self.masks is None else self.masks[index].astype(np.uint8)
+        if self.augmentation is not None:
+            if mask is None:
+                image = self.augmentation(image=image)["image"]
+            else:
+                out = self.augmentation(image=image, mask=mask)
+                image, mask = out["image"], out["mask"]
+        normalized = (np.asarray(image, dtype=np.float32) - self._mean) / self._std
+        image_tensor = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
+        label = torch.tensor(self.labels[index])
+        if mask is None:
+            return image_tensor, label
+        mask_tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+        return image_tensor, label, mask_tensor
