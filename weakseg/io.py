@@ -76,10 +76,18 @@ def read_gray(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot decode image ({error})") from None
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temporary_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    # mkstemp creates 0600; outputs get the permissions an ordinary file would.
+    os.chmod(name, 0o666 & ~_current_umask())
     return Path(name)
 
 
@@ -136,6 +144,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(temporary, 0o777 & ~_current_umask())  # mkdtemp creates 0700
     try:
         yield temporary
         if path.exists():

@@ -132,7 +132,11 @@ def roc_curve_points(labels: Sequence[bool], scores: Sequence[float]) -> list[di
     scores_array = np.asarray(scores, dtype=np.float64)
     positives = max(int(labels_array.sum()), 1)
     negatives = max(int((~labels_array).sum()), 1)
-    points = [{"fpr": 0.0, "tpr": 0.0, "threshold": 1.0}]
+    # The first point's threshold lies above every score (nothing predicted positive) and the last one's
+    # at or below every score; 1.0 and 0.0 where that holds, as for probabilities.
+    highest = float(np.nextafter(scores_array.max(), np.inf)) if scores_array.size else 1.0
+    lowest = float(scores_array.min()) if scores_array.size else 0.0
+    points = [{"fpr": 0.0, "tpr": 0.0, "threshold": max(1.0, highest)}]
     for threshold in np.unique(scores_array)[::-1]:
         predicted = scores_array >= threshold
         points.append(
@@ -143,7 +147,7 @@ def roc_curve_points(labels: Sequence[bool], scores: Sequence[float]) -> list[di
             }
         )
     if points[-1]["fpr"] != 1.0 or points[-1]["tpr"] != 1.0:
-        points.append({"fpr": 1.0, "tpr": 1.0, "threshold": 0.0})
+        points.append({"fpr": 1.0, "tpr": 1.0, "threshold": min(0.0, lowest)})
     return points
 
 

@@ -6,6 +6,7 @@ dictionaries of tensors and primitives, so :func:`load_checkpoint` can use ``tor
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,12 @@ def save_checkpoint(path: str | Path, kind: str, arch: str, model: nn.Module, **
         raise ValueError(f"unknown model kind {kind!r}, expected one of {sorted(MODEL_BUILDERS)}")
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     payload = {"kind": kind, "arch": arch, "state_dict": state, **extra}
+    # Serialised in memory first: torch.save names the zip's records after the file it writes, and the
+    # atomic temporary's random name would otherwise make equal checkpoints differ in their bytes.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+        temporary.write_bytes(buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:

@@ -80,6 +80,19 @@ class TissueParams(_Strict):
 
     min_object_size: int = Field(64, ge=0)
     min_hole_size: int = Field(64, ge=0)
+    threshold_min: float = Field(0.15, ge=0.0, description="Lowest optical-density threshold (Otsu is clipped).")
+    threshold_max: float = Field(0.3, ge=0.0, description="Highest optical-density threshold (Otsu is clipped).")
+    min_green_excess: float | None = Field(
+        0.1, ge=-1.0, le=1.0, description="Stain colour test: OD_green - OD_blue > this * |OD|; null skips it."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TissueParams":
+        if self.threshold_max < self.threshold_min:
+            raise ValueError(
+                f"threshold_max ({self.threshold_max}) must be >= threshold_min ({self.threshold_min})"
+            )
+        return self
 
 
 class NormalizeParams(_Strict):
@@ -88,10 +101,13 @@ class NormalizeParams(_Strict):
     method: Literal["macenko", "none"] = "macenko"
     reference: str = Field("fit", description="'fit' on the train partition, or the path of a reference tile.")
     fit_tiles: int = Field(64, ge=1, description="How many train tiles the reference is fitted on.")
+    seed: int = Field(0, ge=0, description="Chooses the fit tiles and the figure's tiles.")
     background_intensity: int = Field(240, ge=1, le=255, description="Io, the transmitted light intensity.")
     alpha: float = Field(1.0, gt=0.0, lt=50.0, description="Percentile for the robust stain angles.")
     beta: float = Field(0.15, gt=0.0, description="Optical density below which a pixel is background.")
-    min_tissue_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    min_tissue_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Tiles with fewer stained pixels (every channel OD >= beta) pass through."
+    )
     workers: int = Field(0, ge=0, description="Process-pool size; 0 uses every core.")
     tissue: TissueParams = TissueParams()
     figure_tiles: int = Field(3, ge=0, le=20)

@@ -15,7 +15,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from pathlib import Path
+
+import yaml
+
 from weakseg.errors import UserInputError
+from weakseg.io import remove_stale_temporaries
 from weakseg.params import StageParams, load_stage_params
 
 EXIT_USER_ERROR = 2
@@ -44,9 +49,27 @@ def run_stage(
     started = time.perf_counter()
     try:
         params = load_stage_params(stage, arguments.params, arguments.dvc_yaml)
+        _remove_leftovers_of_killed_runs(stage, arguments.dvc_yaml)
         body(params)
     except UserInputError as error:
         print(f"weakseg {stage}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     logging.getLogger(__name__).info("finished in %.1f s", time.perf_counter() - started)
     return 0
+
+
+def _declared_outputs(stage: str, dvc_yaml: str | Path) -> list[Path]:
+    document = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
+    entries = []
+    for kind in ("outs", "metrics", "plots"):
+        for entry in document.get("stages", {}).get(stage, {}).get(kind, []) or []:
+            entries.extend(entry.keys() if isinstance(entry, dict) else [entry])
+    return [Path(entry) for entry in entries]
+
+
+def _remove_leftovers_of_killed_runs(stage: str, dvc_yaml: str | Path) -> None:
+    """A killed run can leave temporary siblings of its outputs (atomic writes never finished); drop them."""
+    for output in _declared_outputs(stage, dvc_yaml):
+        remove_stale_temporaries(output.parent)
+        if output.is_dir():
+            remove_stale_temporaries(output)

@@ -1,0 +1,328 @@
+"""Stage ``evaluate``: both models, the CAMs and the pseudo-masks scored on the test partition.
+
+Reads only test tiles. Writes ``metrics/evaluate.json`` (the names of ``../shared/PIPELINE.md``, plus the
+segmenter's tile-level decisions and tile counts), ``metrics/roc.csv`` and ``metrics/confusion.csv`` for
+``dvc plots``, figures under ``figures/evaluate/``, and one MLflow run holding all of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from weakseg import figures, metrics
+from weakseg.data.layout import Tile, partition, read_annotations
+from weakseg.errors import UserInputError
+from weakseg.inference import InferenceError, load_model, make_forward, predict_images
+from weakseg.io import atomic_directory, atomic_path, read_gray, read_mask, read_rgb, write_json
+from weakseg.params import StageParams
+from weakseg.refine import threshold_cam
+from weakseg.stage import run_stage
+from weakseg.tracking import stage_run
+from weakseg.training.common import select_device
+
+LOGGER = logging.getLogger(__name__)
+
+NORMALIZED = Path("data/normalized")
+TRUE_MASKS = Path("data/raw/masks")
+CAMS = Path("data/cams")
+PSEUDO_MASKS = Path("data/pseudo_masks")
+CLASSIFIER = Path("models/classifier.pt")
+SEGMENTER = Path("models/segmenter.pt")
+METRICS = Path("metrics/evaluate.json")
+ROC = Path("metrics/roc.csv")
+CONFUSION = Path("metrics/confusion.csv")
+FIGURES = Path("figures/evaluate")
+ERROR_LEGEND = "white: true positive, red: false positive, blue: false negative, black: true negative"
+
+
+class EvaluateInputError(UserInputError):
+    """Raised when the evaluate stage's inputs do not fit together."""
+
+
+@dataclass
+class TestTile:
+    """One scored test tile: its masks, and (for figure tiles only) its image and probability map."""
+
+    tile: Tile
+    prediction: np.ndarray
+    pseudo: np.ndarray
+    cam_mask: np.ndarray
+    truth: np.ndarray | None
+    classifier_probability: float
+    head_probability: float
+    image: np.ndarray | None = None
+    probability: np.ndarray | None = None
+
+
+def _check_shape(path: Path, array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if array.shape[:2] != shape:
+        raise EvaluateInputError(f"{path}: size {array.shape[1]}x{array.shape[0]} differs from its tile's {shape[1]}x{shape[0]}")
+    return array
+
+
+def figure_selection(tiles: Sequence[Tile], per_class: int, seed: int) -> list[Tile]:
+    """Up to ``per_class`` positive then ``per_class`` negative tiles, chosen by a seeded draw over sorted names."""
+    rng = np.random.default_rng(seed)
+    chosen: list[Tile] = []
+    for positive in (True, False):
+        members = sorted((tile for tile in tiles if tile.positive == positive), key=lambda tile: tile.name)
+        picks = sorted(rng.permutation(len(members))[:per_class].tolist())
+        chosen.extend(members[index] for index in picks)
+    return chosen
+
+
+def _score_tiles(params: StageParams, tiles: list[Tile], shown: set[str]) -> tuple[list[TestTile], bool]:
+    """Runs both models over the test tiles and gathers every mask the metrics need."""
+    settings = params.evaluate
+    try:
+        device = select_device(settings.device)
+    except RuntimeError as error:
+        raise EvaluateInputError(f"evaluate.device: {error}") from None
+    classifier = load_model(CLASSIFIER, "classifier", device)
+    segmenter = load_model(SEGMENTER, "segmenter", device)
+    for model in (classifier, segmenter):
+        if model.positive_label is not None and model.positive_label != params.data.positive_label:
+            raise EvaluateInputError(
+                f"{model.path}: trained for positive label {model.positive_label!r}, but data.positive_label "
+                f"is {params.data.positive_label!r}; re-run the pipeline"
+            )
+    has_truth = TRUE_MASKS.is_dir()
+    forward = make_forward(segmenter.model, classifier.model)
+
+    def images() -> Iterator[tuple[int, np.ndarray]]:
+        for index, tile in enumerate(tiles):
+            yield index, read_rgb(NORMALIZED / "images" / tile.name)
+
+    scored: list[TestTile] = []
+    predictions = predict_images(images(), forward, segmenter.preprocessing, device, settings.batch_size)
+    for index, prediction in tqdm(predictions, total=len(tiles), desc="evaluate: test tiles", leave=False):
+        tile = tiles[index]
+        assert prediction.probability is not None
+        shape = prediction.probability.shape
+        tissue = _check_shape(NORMALIZED / "tissue" / tile.name, read_mask(NORMALIZED / "tissue" / tile.name), shape)
+        cam = _check_shape(CAMS / tile.name, read_gray(CAMS / tile.name), shape)
+        pseudo = _check_shape(PSEUDO_MASKS / tile.name, read_mask(PSEUDO_MASKS / tile.name), shape)
+        truth = _check_shape(TRUE_MASKS / tile.name, read_mask(TRUE_MASKS / tile.name), shape) if has_truth else None
+        predicted = prediction.probability >= settings.threshold
+        if params.refine.restrict_to_tissue:
+            # The same post-processing as `predict`: lesion pixels are tissue by definition.
+            predicted &= tissue
+        # As in refine_masks, a negative tile's CAM mask is empty: the image label gates the CAM.
+        cam_mask = (
+            threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
+            if tile.positive
+            else np.zeros(shape, dtype=bool)
+        )
+        record = TestTile(
+            tile=tile,
+            prediction=predicted,
+            pseudo=pseudo,
+            cam_mask=cam_mask,
+            truth=truth,
+            classifier_probability=prediction.tile_probabilities["classifier"],
+            head_probability=prediction.tile_probabilities["head"],
+        )
+        if tile.name in shown:
+            record.image = read_rgb(NORMALIZED / "images" / tile.name)
+            record.probability = prediction.probability
+        scored.append(record)
+    return scored, has_truth
+
+
+def compute_metrics(scored: Sequence[TestTile], threshold: float, min_foreground_pixels: int, has_truth: bool) -> dict[str, Any]:
+    """Every number of ``metrics/evaluate.json`` from the scored tiles."""
+    labels = [record.tile.positive for record in scored]
+    areas = [float(np.count_nonzero(record.prediction)) for record in scored]
+    predictions = [record.prediction for record in scored]
+    # "Positive when the predicted foreground exceeds N pixels": area >= N + 1 on integer counts.
+    area_threshold = float(min_foreground_pixels) + 1.0
+    result: dict[str, Any] = {
+        "classifier": metrics.classification_scores(labels, [r.classifier_probability for r in scored], threshold),
+        "segmenter": {"vs_pseudo": metrics.segmentation_scores(predictions, [r.pseudo for r in scored], labels)},
+        "segmenter_tile": {
+            "head": metrics.classification_scores(labels, [r.head_probability for r in scored], threshold),
+            "area": metrics.classification_scores(labels, areas, area_threshold),
+        },
+        "tiles": {
+            "test": len(scored),
+            "positive": int(sum(labels)),
+            "negative": int(len(labels) - sum(labels)),
+            "with_truth": len(scored) if has_truth else 0,
+        },
+        "settings": {"threshold": threshold, "min_foreground_pixels": min_foreground_pixels},
+    }
+    if has_truth:
+        truths = [record.truth for record in scored]
+        result["segmenter"]["vs_truth"] = metrics.segmentation_scores(predictions, truths, labels)
+        for key, masks in (("cam", [r.cam_mask for r in scored]), ("pseudo", [r.pseudo for r in scored])):
+            scores = metrics.segmentation_scores(masks, truths, labels)
+            result[key] = {"vs_truth": {name: scores[name] for name in ("iou", "dice", "miou", "iou_positive_mean")}}
+    return result
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
+
+
+def _row_title(record: TestTile) -> str:
+    label = record.tile.label
+    return (
+        f"{record.tile.stem[:22]}\n{label} | clf p={record.classifier_probability:.2f}\n"
+        f"seg head p={record.head_probability:.2f}"
+    )
+
+
+def _write_figures(folder: Path, shown: Sequence[TestTile], has_truth: bool, params: StageParams, result: dict[str, Any]) -> None:
+    """Overlays, error maps, uncertainty maps and ROC/confusion pictures of the selected tiles."""
+    threshold = params.evaluate.threshold
+    row_titles = [_row_title(record) for record in shown]
+    overlay_rows: list[list[np.ndarray]] = []
+    error_rows: list[list[np.ndarray]] = []
+    uncertainty_rows: list[list[np.ndarray]] = []
+    for record in shown:
+        assert record.image is not None and record.probability is not None
+        image, probability = record.image, record.probability
+        row = [image, record.pseudo]
+        if has_truth:
+            assert record.truth is not None
+            row.append(record.truth)
+        row += [
+            record.prediction,
+            figures.heatmap(probability),
+            figures.overlay_mask(image, record.prediction),
+            figures.overlay_heatmap(image, probability),
+        ]
+        overlay_rows.append(row)
+        reference = record.truth if has_truth and record.truth is not None else record.pseudo
+        errors = [image, reference, record.prediction, figures.error_map(record.prediction, reference)]
+        if has_truth:
+            errors += [figures.error_map(record.cam_mask, reference), figures.error_map(record.pseudo, reference)]
+        error_rows.append(errors)
+        certainty = figures.uncertainty(probability)
+        uncertainty_rows.append(
+            [image, figures.heatmap(probability), figures.heatmap(certainty), figures.overlay_heatmap(image, certainty)]
+        )
+    overlay_columns = ["tile", "pseudo-mask"] + (["true mask"] if has_truth else []) + [
+        f"prediction (p>={threshold:g})",
+        "probability (blue 0, red 1)",
+        "prediction on tile",
+        "probability on tile",
+    ]
+    figures.save_figure(
+        folder / "overlays.png",
+        overlay_rows,
+        column_titles=overlay_columns,
+        row_titles=row_titles,
+        title="Segmenter on test tiles (positive tiles first)",
+    )
+    against = "true masks" if has_truth else "pseudo-masks"
+    error_columns = ["tile", against, "segmenter", "segmenter errors"] + (
+        ["thresholded CAM errors", "pseudo-mask errors"] if has_truth else []
+    )
+    figures.save_figure(
+        folder / "error_maps.png",
+        error_rows,
+        column_titles=error_columns,
+        row_titles=row_titles,
+        title=f"Error maps against {against}\n{ERROR_LEGEND}",
+    )
+    figures.save_figure(
+        folder / "uncertainty.png",
+        uncertainty_rows,
+        column_titles=["tile", "probability", "uncertainty 1-2|p-0.5|", "uncertainty on tile"],
+        row_titles=row_titles,
+        title="Segmenter uncertainty (blue: sure, red: undecided)",
+    )
+    _write_roc_figure(folder / "roc_curves.png", result)
+
+
+def _write_roc_figure(path: Path, result: dict[str, Any]) -> None:
+    """ROC of the three tile-level decisions, with their AUCs, in one readable plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    for name, points, auc in result["_roc_curves"]:
+        axis.plot([p["fpr"] for p in points], [p["tpr"] for p in points], label=f"{name} (AUC {auc:.3f})")
+    axis.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
+    axis.set_xlabel("false positive rate (1 - specificity)")
+    axis.set_ylabel("true positive rate (sensitivity)")
+    axis.set_xlim(-0.01, 1.01)
+    axis.set_ylim(-0.01, 1.01)
+    axis.set_title("ROC on the test partition", fontsize=10)
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+
+
+def run(params: StageParams) -> None:
+    """Scores the test partition and writes metrics, plot data, figures and an MLflow run."""
+    settings = params.evaluate
+    tiles = partition(read_annotations(NORMALIZED / "annotations.csv", params.data.positive_label), "test")
+    if not tiles:
+        raise EvaluateInputError(f"{NORMALIZED / 'annotations.csv'}: no tile in the test partition to evaluate")
+    selected = figure_selection(tiles, settings.figure_tiles, settings.figure_seed)
+    try:
+        scored, has_truth = _score_tiles(params, tiles, {tile.name for tile in selected})
+    except InferenceError as error:
+        raise EvaluateInputError(str(error)) from None
+    result = compute_metrics(scored, settings.threshold, settings.min_foreground_pixels, has_truth)
+    labels = [record.tile.positive for record in scored]
+    classifier_scores = [record.classifier_probability for record in scored]
+    roc_curves = [
+        ("classifier", metrics.roc_curve_points(labels, classifier_scores), result["classifier"]["auc"]),
+        ("segmenter head", metrics.roc_curve_points(labels, [r.head_probability for r in scored]), result["segmenter_tile"]["head"]["auc"]),
+        (
+            "segmenter area",
+            metrics.roc_curve_points(labels, [float(np.count_nonzero(r.prediction)) for r in scored]),
+            result["segmenter_tile"]["area"]["auc"],
+        ),
+    ]
+    negative_labels = sorted({record.tile.label for record in scored if not record.tile.positive})
+    negative_name = negative_labels[0] if len(negative_labels) == 1 else f"not {params.data.positive_label}"
+    by_name = {record.tile.name: record for record in scored}
+    with atomic_directory(FIGURES) as folder:
+        _write_figures(folder, [by_name[tile.name] for tile in selected], has_truth, params, {**result, "_roc_curves": roc_curves})
+    _write_csv(ROC, ["fpr", "tpr", "threshold"], roc_curves[0][1])
+    _write_csv(
+        CONFUSION,
+        ["actual", "predicted"],
+        metrics.confusion_rows(
+            labels, [score >= settings.threshold for score in classifier_scores], (negative_name, params.data.positive_label)
+        ),
+    )
+    METRICS.parent.mkdir(parents=True, exist_ok=True)
+    write_json(METRICS, result)
+    LOGGER.info(
+        "classifier AUC %.3f, segmenter IoU vs pseudo %.3f%s",
+        result["classifier"]["auc"],
+        result["segmenter"]["vs_pseudo"]["iou"],
+        f", vs truth {result['segmenter']['vs_truth']['iou']:.3f}" if has_truth else "",
+    )
+    with stage_run("evaluate", params.to_flat_dict()) as tracked:
+        tracked.log_metrics(result)
+        for path in (METRICS, ROC, CONFUSION):
+            tracked.log_artifact(path, "metrics")
+        for path in sorted(FIGURES.glob("*.png")):
+            tracked.log_artifact(path, "figures")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage("evaluate", run))

@@ -1,0 +1,363 @@
+"""The ``refine_masks`` stage: CAM -> pseudo-mask for every tile, with step-by-step diagnostics.
+
+Reads ``data/cams``, ``data/normalized/{images,tissue,annotations.csv}`` and, where it exists,
+``data/raw/masks`` (truth, only to score). Writes ``data/pseudo_masks/NAME.png`` (0/255, empty on negative
+tiles), ``metrics/pseudo_masks.json`` and ``figures/refine_masks/contact_sheet.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from weakseg.data.layout import PARTITIONS, Tile, read_annotations
+from weakseg.errors import UserInputError
+from weakseg.figures import heatmap, overlay_mask, save_figure
+from weakseg.io import atomic_directory, read_gray, read_mask, read_rgb, write_json, write_png
+from weakseg.metrics import PixelCounts, tile_iou
+from weakseg.params import RefineParams, StageParams
+from weakseg.refine import CrfSettings, RefinementSteps, RefineSettings, foreground_fraction, refine_pseudo_mask
+from weakseg.stage import run_stage
+from weakseg.tracking import stage_run
+
+STAGE = "refine_masks"
+NORMALIZED = Path("data/normalized")
+CAMS = Path("data/cams")
+TRUTH = Path("data/raw/masks")
+PSEUDO_MASKS = Path("data/pseudo_masks")
+METRICS = Path("metrics/pseudo_masks.json")
+FIGURES = Path("figures/refine_masks")
+STEPS = ("threshold", "morphology", "crf")
+
+logger = logging.getLogger(STAGE)
+
+
+class RefineStageError(UserInputError):
+    """Raised when the stage's inputs do not fit together."""
+
+
+def settings_from_params(refine: RefineParams) -> RefineSettings:
+    """The ``refine`` params block as the plain settings :func:`refine_pseudo_mask` takes."""
+    crf = refine.crf
+    crf_settings = (
+        CrfSettings(
+            iterations=crf.iterations,
+            unary=crf.unary,
+            hard_confidence=crf.hard_confidence,
+            gaussian_sxy=crf.gaussian.sxy,
+            gaussian_compat=crf.gaussian.compat,
+            bilateral_sxy=crf.bilateral.sxy,
+            bilateral_srgb=crf.bilateral.srgb,
+            bilateral_compat=crf.bilateral.compat,
+        )
+        if crf.enabled
+        else None
+    )
+    return RefineSettings(
+        threshold_quantile=refine.threshold_quantile,
+        restrict_to_tissue=refine.restrict_to_tissue,
+        opening_kernel=refine.opening_kernel,
+        closing_kernel=refine.closing_kernel,
+        min_object_size=refine.min_object_size,
+        crf=crf_settings,
+    )
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """What a worker needs for one tile: paths only, so little crosses process boundaries."""
+
+    name: str
+    positive: bool
+    image: Path
+    tissue: Path
+    cam: Path
+    truth: Path | None
+    output: Path
+
+
+@dataclass
+class TileResult:
+    """What a worker reports for one tile (the mask itself is already on disk)."""
+
+    name: str
+    positive: bool
+    foreground_fraction: float
+    tissue_fraction: float
+    # Per step: (true_positive, false_positive, false_negative, true_negative), and the tile IoU.
+    counts: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    iou: dict[str, float] = field(default_factory=dict)
+
+
+def load_tile(job: TileJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reads one tile's CAM, normalized image and tissue mask, checking that their sizes agree."""
+    cam = read_gray(job.cam)
+    image = read_rgb(job.image)
+    tissue = read_mask(job.tissue)
+    if image.shape[:2] != cam.shape or tissue.shape != cam.shape:
+        raise RefineStageError(
+            f"{job.cam}: CAM size {cam.shape} differs from {job.image} {image.shape[:2]} or {job.tissue} "
+            f"{tissue.shape}; re-run generate_cams"
+        )
+    return cam, image, tissue
+
+
+def refine_tile(job: TileJob, settings: RefineSettings) -> TileResult:
+    """Refines one tile, writes its pseudo-mask, and scores each step against the truth where it exists."""
+    cam, image, tissue = load_tile(job)
+    steps = refine_pseudo_mask(cam, image, tissue, job.positive, settings)
+    write_png(job.output, steps.refined)
+    result = TileResult(
+        name=job.name,
+        positive=job.positive,
+        foreground_fraction=foreground_fraction(steps.refined),
+        tissue_fraction=foreground_fraction(steps.refined, tissue),
+    )
+    if job.truth is not None and job.positive:
+        truth = read_mask(job.truth)
+        if truth.shape != cam.shape:
+            raise RefineStageError(f"{job.truth}: mask size {truth.shape} differs from the tile's {cam.shape}")
+        for step, mask in zip(STEPS, (steps.thresholded, steps.morphology, steps.refined), strict=True):
+            counts = PixelCounts().add(mask, truth)
+            result.counts[step] = (
+                counts.true_positive,
+                counts.false_positive,
+                counts.false_negative,
+                counts.true_negative,
+            )
+            result.iou[step] = tile_iou(mask, truth)
+    return result
+
+
+class _Refiner:
+    """A picklable ``job -> result`` callable for the process pool."""
+
+    def __init__(self, settings: RefineSettings) -> None:
+        self.settings = settings
+
+    def __call__(self, job: TileJob) -> TileResult:
+        return refine_tile(job, self.settings)
+
+
+def worker_count(requested: int) -> int:
+    """``refine.workers``: 0 means every core this process may use."""
+    if requested > 0:
+        return requested
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """``fork`` where the platform has it (workers start in milliseconds, not seconds), else ``spawn``."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def refine_all(
+    jobs: Sequence[TileJob], settings: RefineSettings, workers: int, progress: bool = True
+) -> list[TileResult]:
+    """Refines every tile, in a process pool when ``workers > 1``; results come back in ``jobs`` order.
+
+    Each tile is independent and deterministic, so the outputs do not depend on the worker count. Call it
+    before opening an MLflow run or any other threads' resources: the pool forks this process.
+    """
+    refiner = _Refiner(settings)
+    results: list[TileResult] = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in tqdm(jobs, desc="pseudo-masks", unit="tile", disable=not progress):
+            results.append(refiner(job))
+        return results
+    # Chunks amortize inter-process traffic while keeping the load balanced and the bar moving.
+    chunksize = max(1, min(32, len(jobs) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+        # map() submits every chunk, so the workers are forked before tqdm starts its monitor thread.
+        ordered = pool.map(refiner, jobs, chunksize=chunksize)
+        for result in tqdm(ordered, total=len(jobs), desc="pseudo-masks", unit="tile", disable=not progress):
+            results.append(result)
+    return results
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "median": 0.0, "min": 0.0, "max": 0.0}
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(array.mean()),
+        "median": float(np.median(array)),
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }
+
+
+def summarize(
+    results: Sequence[TileResult], tiles: Sequence[Tile], has_truth: bool, steps: Sequence[str] = STEPS
+) -> dict[str, Any]:
+    """``metrics/pseudo_masks.json``: coverage per partition and class, and per-step truth scores.
+
+    Truth scores are over positive tiles of each partition: pooled ``iou``/``dice`` (confusion counts
+    summed over pixels) and ``iou_positive_mean`` (mean per-tile IoU). Negative tiles are empty by
+    construction, so they add nothing but true negatives. ``steps`` names the steps to report (``crf`` is
+    left out when the CRF is off, as it would repeat ``morphology``).
+    """
+    partition_of = {tile.name: tile.partition for tile in tiles}
+    report: dict[str, Any] = {"tiles": len(results), "has_truth": has_truth}
+    for partition in PARTITIONS:
+        members = [result for result in results if partition_of[result.name] == partition]
+        positives = [result for result in members if result.positive]
+        negatives = [result for result in members if not result.positive]
+        section: dict[str, Any] = {
+            "tiles": len(members),
+            "positive_tiles": len(positives),
+            "negative_tiles": len(negatives),
+            "coverage": {
+                "positive": _summary([result.foreground_fraction for result in positives]),
+                "positive_of_tissue": _summary([result.tissue_fraction for result in positives]),
+                "positive_empty_fraction": (
+                    float(np.mean([result.foreground_fraction == 0.0 for result in positives])) if positives else 0.0
+                ),
+                "negative_nonempty_tiles": int(sum(result.foreground_fraction > 0.0 for result in negatives)),
+            },
+        }
+        scored = [result for result in positives if result.counts]
+        if has_truth and scored:
+            step_scores: dict[str, Any] = {}
+            for step in steps:
+                pooled = PixelCounts()
+                for result in scored:
+                    true_positive, false_positive, false_negative, true_negative = result.counts[step]
+                    pooled.true_positive += true_positive
+                    pooled.false_positive += false_positive
+                    pooled.false_negative += false_negative
+                    pooled.true_negative += true_negative
+                step_scores[step] = {
+                    "iou": pooled.iou,
+                    "dice": pooled.dice,
+                    "iou_positive_mean": float(np.mean([result.iou[step] for result in scored])),
+                }
+            section["vs_truth"] = {"positive_tiles": len(scored), **step_scores}
+        report[partition] = section
+    return report
+
+
+def pick_figure_tiles(tiles: Sequence[Tile], count: int) -> list[Tile]:
+    """Up to ``count`` positive tiles spread over the name order, then one negative tile.
+
+    Train-partition tiles are preferred (the figure is for looking at the training signal); test tiles are
+    used only where the train partition has none of a class.
+    """
+    if count <= 0:
+        return []
+
+    def candidates(positive: bool) -> list[Tile]:
+        members = sorted((tile for tile in tiles if tile.positive == positive), key=lambda tile: tile.name)
+        train = [tile for tile in members if tile.partition == "train"]
+        return train or members
+
+    positives = candidates(True)
+    negatives = candidates(False)
+    chosen: list[Tile] = []
+    if positives:
+        indices = np.linspace(0, len(positives) - 1, num=min(count, len(positives))).round().astype(int)
+        chosen.extend(positives[index] for index in dict.fromkeys(indices.tolist()))
+    if negatives:
+        chosen.append(negatives[0])
+    return chosen
+
+
+def contact_sheet(
+    path: Path,
+    jobs: Sequence[TileJob],
+    settings: RefineSettings,
+    load: Callable[[TileJob], tuple[np.ndarray, np.ndarray, np.ndarray]] = load_tile,
+) -> None:
+    """Tile, CAM, thresholded CAM, after morphology, pseudo-mask (and truth) for a few tiles."""
+    with_truth = any(job.truth is not None for job in jobs)
+    rows: list[list[np.ndarray]] = []
+    titles: list[str] = []
+    for job in jobs:
+        cam, image, tissue = load(job)
+        steps: RefinementSteps = refine_pseudo_mask(cam, image, tissue, job.positive, settings)
+        row = [
+            image,
+            heatmap(cam.astype(np.float64) / 255.0),
+            overlay_mask(image, steps.thresholded, colour=(255, 255, 0)),
+            overlay_mask(image, steps.morphology, colour=(255, 128, 0)),
+            overlay_mask(image, steps.refined),
+        ]
+        if with_truth:
+            truth = read_mask(job.truth) if job.truth is not None else np.zeros(cam.shape, dtype=bool)
+            row.append(overlay_mask(image, truth, colour=(0, 128, 255)))
+        rows.append(row)
+        titles.append(f"{Path(job.name).stem} ({'positive' if job.positive else 'negative'})")
+    columns = ["tile", "CAM", "thresholded", "morphology", "pseudo-mask (CRF)" if settings.crf else "pseudo-mask"]
+    if with_truth:
+        columns.append("truth")
+    save_figure(path, rows, column_titles=columns, row_titles=titles, title="refine_masks: CAM -> pseudo-mask")
+
+
+def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for partition in PARTITIONS:
+        section = report.get(partition, {})
+        flat[f"{partition}.coverage_positive_mean"] = section.get("coverage", {}).get("positive", {}).get("mean", 0.0)
+        for step in STEPS:
+            scores = section.get("vs_truth", {}).get(step)
+            if scores:
+                for key, value in scores.items():
+                    flat[f"{partition}.vs_truth.{step}.{key}"] = value
+    return flat
+
+
+def run(params: StageParams) -> None:
+    """Refines every tile's CAM into a pseudo-mask and writes the diagnostics."""
+    refine = params.refine
+    settings = settings_from_params(refine)
+    tiles = read_annotations(NORMALIZED / "annotations.csv", params.data.positive_label)
+    has_truth = TRUTH.is_dir()
+    for folder in (CAMS, NORMALIZED / "images", NORMALIZED / "tissue"):
+        if not folder.is_dir():
+            raise RefineStageError(f"{folder}: folder not found (run the stages before refine_masks)")
+    workers = worker_count(refine.workers)
+    with atomic_directory(PSEUDO_MASKS) as output:
+        jobs = [
+            TileJob(
+                name=tile.name,
+                positive=tile.positive,
+                image=NORMALIZED / "images" / tile.name,
+                tissue=NORMALIZED / "tissue" / tile.name,
+                cam=CAMS / tile.name,
+                truth=(TRUTH / tile.name) if has_truth else None,
+                output=output / tile.name,
+            )
+            for tile in tiles
+        ]
+        # Before MLflow opens its database: the pool forks this process.
+        results = refine_all(jobs, settings, workers)
+    report = summarize(results, tiles, has_truth, STEPS if settings.crf is not None else STEPS[:2])
+    write_json(METRICS, report)
+    with atomic_directory(FIGURES) as figures:
+        job_of = {job.name: job for job in jobs}
+        figure_jobs = [job_of[tile.name] for tile in pick_figure_tiles(tiles, refine.figure_tiles)]
+        if figure_jobs:
+            contact_sheet(figures / "contact_sheet.png", figure_jobs, settings)
+    with stage_run(STAGE, params.to_flat_dict()) as tracker:
+        tracker.log_metrics({**_flat_metrics(report), "workers": workers}, prefix="pseudo.")
+        tracker.log_artifact(METRICS)
+        tracker.log_artifact(FIGURES / "contact_sheet.png", folder="figures")
+    logger.info("wrote %d pseudo-masks to %s with %d worker(s)", len(results), PSEUDO_MASKS, workers)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(STAGE, run))

@@ -1,0 +1,138 @@
+"""Stage ``train_segmenter``: DeepLabv3+ on the refined pseudo-masks of the train partition.
+
+Reads ``data/normalized/images``, ``data/normalized/annotations.csv`` and ``data/pseudo_masks`` (train
+partition only; test tiles are never decoded). Writes ``models/segmenter.pt``, ``metrics/segmenter.json``,
+``metrics/segmenter_history.csv`` and an MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weakseg.data.layout import partition, read_annotations, split_train_validation
+from weakseg.errors import UserInputError
+from weakseg.io import write_json
+from weakseg.models import build_segmenter, save_checkpoint
+from weakseg.params import StageParams
+from weakseg.stage import run_stage
+from weakseg.tracking import stage_run
+from weakseg.training.common import (
+    configure_determinism,
+    preprocessing_record,
+    select_device,
+    write_history,
+)
+from weakseg.training.datasets import load_masks, load_tiles
+from weakseg.training.segmenter import SegmenterData, train_segmenter
+
+STAGE = "train_segmenter"
+NORMALIZED = Path("data/normalized")
+PSEUDO_MASKS = Path("data/pseudo_masks")
+CHECKPOINT = Path("models/segmenter.pt")
+METRICS = Path("metrics/segmenter.json")
+HISTORY = Path("metrics/segmenter_history.csv")
+
+logger = logging.getLogger(__name__)
+
+
+class SegmenterInputError(UserInputError):
+    """Raised when the segmenter's inputs do not fit together."""
+
+
+def _load_split(tiles: list[Any], description: str) -> SegmenterData:
+    images = load_tiles(NORMALIZED / "images", tiles, f"loading {description} tiles")
+    masks = load_masks(PSEUDO_MASKS, tiles, f"loading {description} pseudo-masks")
+    for tile, image, mask in zip(tiles, images, masks, strict=True):
+        if mask.shape != image.shape[:2]:
+            raise SegmenterInputError(
+                f"{PSEUDO_MASKS / tile.name}: pseudo-mask is {mask.shape[1]}x{mask.shape[0]}, "
+                f"its tile is {image.shape[1]}x{image.shape[0]}"
+            )
+    return SegmenterData(images=images, masks=masks, positives=np.array([tile.positive for tile in tiles]))
+
+
+def run(params: StageParams) -> None:
+    """Trains the segmenter and writes its checkpoint, metrics and history."""
+    segmenter = params.segmenter
+    positive_label = params.data.positive_label
+    configure_determinism()
+    device = select_device(segmenter.device)
+
+    tiles = read_annotations(NORMALIZED / "annotations.csv", positive_label)
+    try:
+        train_tiles, validation_tiles = split_train_validation(
+            partition(tiles, "train"), params.split.validation_fraction, params.split.seed
+        )
+    except ValueError as error:
+        raise SegmenterInputError(f"{NORMALIZED / 'annotations.csv'}: {error} (see split.validation_fraction)") from None
+    if not any(tile.positive for tile in train_tiles):
+        raise SegmenterInputError(
+            f"{NORMALIZED / 'annotations.csv'}: no {positive_label!r} tile in the training split; "
+            f"the segmenter has no pseudo-mask to learn from"
+        )
+    negative_labels = sorted({tile.label for tile in tiles if not tile.positive})
+    train = _load_split(train_tiles, "train")
+    validation = _load_split(validation_tiles, "validation")
+    tile_size = int(train.images.shape[1])
+    if validation.images.shape[1:3] != train.images.shape[1:3]:
+        raise SegmenterInputError(
+            f"{NORMALIZED / 'images'}: validation tiles are {validation.images.shape[1:3]}, "
+            f"train tiles {train.images.shape[1:3]}; training needs one tile size"
+        )
+    logger.info(
+        "training on %d tiles (%d positive), validating on %d, %d px, device %s",
+        len(train_tiles), int(train.positives.sum()), len(validation_tiles), tile_size, device,
+    )
+
+    with stage_run(STAGE, params.to_flat_dict()) as tracking:
+        result = train_segmenter(
+            train,
+            validation,
+            segmenter,
+            params.seed,
+            device,
+            on_epoch=lambda row: tracking.log_metrics(
+                {key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"])
+            ),
+        )
+        metrics: dict[str, Any] = {
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "early_stopped_at_epoch": result.stopped_early_at,
+            "train_tiles": len(train_tiles),
+            "validation_tiles": len(validation_tiles),
+            "tile_size": tile_size,
+            **result.best_metrics,
+        }
+        best_model = build_segmenter(segmenter.encoder, "none")
+        best_model.load_state_dict(result.best_state_dict)
+        save_checkpoint(
+            CHECKPOINT,
+            kind="segmenter",
+            arch=segmenter.encoder,
+            model=best_model,
+            preprocessing=preprocessing_record(tile_size),
+            positive_label=positive_label,
+            negative_label="/".join(negative_labels),
+            tile_size=tile_size,
+            epoch=result.best_epoch,
+            metrics={key: float(value) for key, value in result.best_metrics.items()},
+        )
+        write_history(HISTORY, result.history)
+        write_json(METRICS, metrics)
+        tracking.log_metrics({f"best_{key}": value for key, value in result.best_metrics.items()})
+        tracking.log_metrics({"best_epoch": result.best_epoch})
+        tracking.log_artifact(HISTORY)
+        tracking.log_artifact(METRICS)
+    logger.info(
+        "best epoch %d: validation IoU %.4f, Dice %.4f (against pseudo-masks)",
+        result.best_epoch, result.best_metrics["val_iou"], result.best_metrics["val_dice"],
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(STAGE, run))

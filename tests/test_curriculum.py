@@ -1,0 +1,61 @@
+"""The negative-tile curriculum: schedule and the seeded per-epoch sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from weakseg.params import CurriculumParams
+from weakseg.training.curriculum import epoch_indices, negative_probability, shard_indices
+
+PAPER = CurriculumParams(positive_only_epochs=10, final_negative_probability=0.3)
+
+
+def test_schedule_is_zero_then_linear_to_final() -> None:
+    probabilities = [negative_probability(epoch, 35, PAPER) for epoch in range(1, 36)]
+    assert probabilities[:10] == [0.0] * 10
+    assert probabilities[10] == pytest.approx(0.3 / 25)
+    assert probabilities[22] == pytest.approx(0.3 * 13 / 25)
+    assert probabilities[-1] == pytest.approx(0.3)
+    steps = np.diff(probabilities[10:])
+    assert np.allclose(steps, 0.3 / 25)
+
+
+def test_schedule_without_room_for_negatives_stays_positive_only() -> None:
+    curriculum = CurriculumParams(positive_only_epochs=5, final_negative_probability=0.3)
+    assert [negative_probability(epoch, 5, curriculum) for epoch in range(1, 6)] == [0.0] * 5
+    with pytest.raises(ValueError, match="outside"):
+        negative_probability(0, 5, curriculum)
+
+
+def test_sampler_takes_every_positive_and_no_negative_in_warm_up() -> None:
+    positives = np.array([True] * 20 + [False] * 80)
+    indices = epoch_indices(positives, 3, 35, PAPER, seed=7)
+    assert sorted(indices.tolist()) == list(range(20))
+    assert indices.tolist() != list(range(20))  # shuffled
+
+
+def test_sampler_negative_fraction_follows_probability() -> None:
+    positives = np.array([True] * 100 + [False] * 4000)
+    for epoch in (11, 23, 35):
+        indices = epoch_indices(positives, epoch, 35, PAPER, seed=1)
+        assert set(range(100)) <= set(indices.tolist())
+        assert len(set(indices.tolist())) == len(indices)
+        drawn = int(np.count_nonzero(~positives[indices]))
+        expected = negative_probability(epoch, 35, PAPER) * 4000
+        assert abs(drawn - expected) < 4 * np.sqrt(expected) + 1
+
+
+def test_sampler_is_a_function_of_epoch_and_seed() -> None:
+    positives = np.array([True, False] * 50)
+    first = epoch_indices(positives, 30, 35, PAPER, seed=3)
+    assert np.array_equal(first, epoch_indices(positives, 30, 35, PAPER, seed=3))
+    assert not np.array_equal(first, epoch_indices(positives, 30, 35, PAPER, seed=4))
+    assert not np.array_equal(first, epoch_indices(positives, 31, 35, PAPER, seed=3))
+
+
+def test_shards_are_disjoint_and_cover_the_epoch() -> None:
+    indices = epoch_indices(np.array([True, False] * 30), 35, 35, PAPER, seed=0)
+    shards = [shard_indices(indices, rank, 3) for rank in range(3)]
+    assert sorted(np.concatenate(shards).tolist()) == sorted(indices.tolist())
+    assert max(len(shard) for shard in shards) - min(len(shard) for shard in shards) <= 1

@@ -1,0 +1,262 @@
+"""The evaluate stage end to end on a tiny hand-made test partition, and its metric bookkeeping."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stages import evaluate
+from weakseg import figures
+from weakseg.data.layout import Tile, write_annotations
+from weakseg.io import write_png
+from weakseg.models import build_classifier, build_segmenter, save_checkpoint
+from weakseg.stage import run_stage
+from weakseg.training.common import preprocessing_record
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_MD = PROJECT_ROOT.parent / "shared" / "PIPELINE.md"
+TILE = 32
+# PIPELINE.md's list, used if the shared page is not beside the repository.
+FALLBACK_NAMES = """
+classifier.{accuracy, balanced_accuracy, auc, sensitivity, specificity}
+segmenter.vs_pseudo.{iou, miou, dice, iou_positive_mean}
+segmenter.vs_truth.{iou, miou, dice, iou_positive_mean}
+cam.vs_truth.{iou, dice}
+pseudo.vs_truth.{iou, dice}
+"""
+
+
+def pipeline_metric_names() -> list[str]:
+    """Expands the ``prefix.{a, b}`` lines of PIPELINE.md's "Metric names" block into dotted keys."""
+    text = PIPELINE_MD.read_text() if PIPELINE_MD.is_file() else FALLBACK_NAMES
+    if PIPELINE_MD.is_file():
+        section = text.split("## Metric names", 1)[1]
+        text = section.split("```", 2)[1]
+    names = []
+    for prefix, keys in re.findall(r"^([\w.]+)\.\{([^}]*)\}", text, flags=re.MULTILINE):
+        names += [f"{prefix}.{key.strip()}" for key in keys.split(",")]
+    return names
+
+
+def _lookup(document: dict, dotted: str) -> object:
+    value: object = document
+    for part in dotted.split("."):
+        assert isinstance(value, dict) and part in value, f"missing {dotted}"
+        value = value[part]
+    return value
+
+
+def _square(offset: int) -> np.ndarray:
+    mask = np.zeros((TILE, TILE), dtype=bool)
+    mask[offset : offset + 12, offset : offset + 14] = True
+    return mask
+
+
+def _build_project(root: Path, with_truth: bool, positive_label: str = "SSA") -> list[Tile]:
+    """A project folder holding exactly what evaluate reads; every train-partition file is corrupt."""
+    rng = np.random.default_rng(7)
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["evaluate"].update({"figure_tiles": 2, "batch_size": 3, "device": "cpu", "min_foreground_pixels": 10})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    tiles = [Tile(f"test_{i}.png", "SSA" if i < 3 else "HP", "test", i < 3) for i in range(6)]
+    tiles += [Tile(f"train_{i}.png", "SSA" if i % 2 else "HP", "train", bool(i % 2)) for i in range(4)]
+    folders = ["data/normalized/images", "data/normalized/tissue", "data/cams", "data/pseudo_masks"]
+    if with_truth:
+        folders.append("data/raw/masks")
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
+    write_annotations(root / "data/normalized/annotations.csv", tiles)
+    for index, tile in enumerate(tiles):
+        if tile.partition == "train":
+            for folder in folders:  # evaluate must never open these
+                (root / folder / tile.name).write_bytes(b"not a png")
+            continue
+        truth = _square(4 + index) if tile.positive else np.zeros((TILE, TILE), dtype=bool)
+        write_png(root / "data/normalized/images" / tile.name, rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8))
+        write_png(root / "data/normalized/tissue" / tile.name, np.ones((TILE, TILE), dtype=bool))
+        cam = np.zeros((TILE, TILE), dtype=np.uint8)
+        cam[truth] = 200
+        write_png(root / "data/cams" / tile.name, cam)
+        write_png(root / "data/pseudo_masks" / tile.name, truth)
+        if with_truth:
+            write_png(root / "data/raw/masks" / tile.name, truth)
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    extra = {"preprocessing": preprocessing_record(TILE), "positive_label": positive_label, "negative_label": "HP"}
+    save_checkpoint(root / "models/classifier.pt", "classifier", "resnet18", build_classifier("resnet18"), **extra)
+    save_checkpoint(root / "models/segmenter.pt", "segmenter", "resnet18", build_segmenter("resnet18"), **extra)
+    return tiles
+
+
+class _FakeRun:
+    """Stands in for an MLflow run (a fresh SQLite store costs seconds) and records what is logged."""
+
+    def __init__(self) -> None:
+        self.metrics: dict = {}
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics: dict, **_: object) -> None:
+        self.metrics.update(metrics)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.artifacts.append(f"{folder}/{Path(path).name}")
+
+
+@pytest.fixture
+def fake_tracking(monkeypatch: pytest.MonkeyPatch) -> _FakeRun:
+    """Replaces the stage's MLflow run with a recorder."""
+    import contextlib
+
+    run = _FakeRun()
+
+    @contextlib.contextmanager
+    def fake_stage_run(stage: str, params: object = None):  # type: ignore[no-untyped-def]
+        assert stage == "evaluate"
+        yield run
+
+    monkeypatch.setattr(evaluate, "stage_run", fake_stage_run)
+    return run
+
+
+@pytest.fixture
+def titles(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Records the title of every figure the stage saves, by file name."""
+    recorded: dict[str, str] = {}
+    original = figures.save_figure
+
+    def recording(path: Path, rows: list, **options: object) -> None:
+        recorded[Path(path).name] = str(options.get("title"))
+        original(path, rows, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(figures, "save_figure", recording)
+    return recorded
+
+
+def test_evaluate_with_truth_writes_every_metric_and_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, titles: dict[str, str], fake_tracking: _FakeRun
+) -> None:
+    _build_project(tmp_path, with_truth=True)
+    monkeypatch.chdir(tmp_path)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+
+    result = json.loads(Path("metrics/evaluate.json").read_text())
+    names = pipeline_metric_names()
+    assert "segmenter.vs_truth.iou_positive_mean" in names and "cam.vs_truth.dice" in names
+    for name in names:
+        value = _lookup(result, name)
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, name
+    for decision in ("head", "area"):
+        for key in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"):
+            assert 0.0 <= _lookup(result, f"segmenter_tile.{decision}.{key}") <= 1.0  # type: ignore[operator]
+    # Pseudo-masks equal the truth here, and the CAM is bright exactly on it: both score perfectly.
+    assert result["pseudo"]["vs_truth"]["iou"] == 1.0
+    assert result["cam"]["vs_truth"]["iou"] == 1.0
+    assert result["tiles"] == {"test": 6, "positive": 3, "negative": 3, "with_truth": 6}
+
+    with open("metrics/roc.csv", newline="") as handle:
+        roc = list(csv.DictReader(handle))
+    assert list(roc[0]) == ["fpr", "tpr", "threshold"]
+    assert (float(roc[0]["fpr"]), float(roc[-1]["tpr"])) == (0.0, 1.0)
+    with open("metrics/confusion.csv", newline="") as handle:
+        confusion = list(csv.DictReader(handle))
+    assert len(confusion) == 6
+    assert sorted(row["actual"] for row in confusion) == ["HP"] * 3 + ["SSA"] * 3
+    assert {row["predicted"] for row in confusion} <= {"HP", "SSA"}
+
+    written = sorted(path.name for path in Path("figures/evaluate").glob("*.png"))
+    assert written == ["error_maps.png", "overlays.png", "roc_curves.png", "uncertainty.png"]
+    assert "against true masks" in titles["error_maps.png"]
+    assert fake_tracking.metrics == result
+    assert {f"figures/{name}" for name in written} <= set(fake_tracking.artifacts)
+
+
+@pytest.mark.integration
+def test_evaluate_logs_an_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real MLflow store (a fresh SQLite file: slow to create, so once here)."""
+    _build_project(tmp_path, with_truth=True)
+    monkeypatch.chdir(tmp_path)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+    result = json.loads(Path("metrics/evaluate.json").read_text())
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["weakseg"], filter_string="tags.`weakseg.stage` = 'evaluate'")
+    assert len(runs) == 1
+    assert runs["metrics.classifier.auc"].iloc[0] == pytest.approx(result["classifier"]["auc"])
+    assert runs["metrics.cam.vs_truth.iou"].iloc[0] == pytest.approx(1.0)
+    artifacts = mlflow.MlflowClient().list_artifacts(runs["run_id"].iloc[0], "figures")
+    assert {Path(item.path).name for item in artifacts} == {
+        "error_maps.png", "overlays.png", "roc_curves.png", "uncertainty.png"
+    }
+
+
+def test_evaluate_without_truth_omits_vs_truth_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, titles: dict[str, str], fake_tracking: _FakeRun
+) -> None:
+    _build_project(tmp_path, with_truth=False)
+    monkeypatch.chdir(tmp_path)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+    result = json.loads(Path("metrics/evaluate.json").read_text())
+    assert "vs_truth" not in result["segmenter"]
+    assert "cam" not in result and "pseudo" not in result
+    assert set(result["segmenter"]["vs_pseudo"]) >= {"iou", "miou", "dice", "iou_positive_mean"}
+    assert "against pseudo-masks" in titles["error_maps.png"]
+    assert fake_tracking.metrics["segmenter"]["vs_pseudo"] == result["segmenter"]["vs_pseudo"]
+    assert "metrics/evaluate.json" in fake_tracking.artifacts and "figures/error_maps.png" in fake_tracking.artifacts
+
+
+def test_evaluate_refuses_a_model_of_another_positive_label(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fake_tracking: _FakeRun
+) -> None:
+    _build_project(tmp_path, with_truth=False, positive_label="HGIN")
+    monkeypatch.chdir(tmp_path)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 2
+    assert "classifier.pt" in capsys.readouterr().err
+    assert not Path("metrics/evaluate.json").exists()
+
+
+def _record(positive: bool, area: int, head: float, classifier: float) -> evaluate.TestTile:
+    prediction = np.zeros((10, 10), dtype=bool)
+    prediction.flat[:area] = True
+    label = "SSA" if positive else "HP"
+    return evaluate.TestTile(
+        tile=Tile(f"{label}{area}.png", label, "test", positive),
+        prediction=prediction,
+        pseudo=prediction.copy(),
+        cam_mask=prediction.copy(),
+        truth=None,
+        classifier_probability=classifier,
+        head_probability=head,
+    )
+
+
+def test_tile_decisions_from_area_and_head_have_known_answers() -> None:
+    # Positives with 30 and 5 predicted pixels, negatives with 0 and 11: "above 10 px" calls 30 and 11.
+    records = [_record(True, 30, 0.9, 0.8), _record(True, 5, 0.2, 0.7), _record(False, 0, 0.1, 0.6), _record(False, 11, 0.6, 0.1)]
+    result = evaluate.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=False)
+    area = result["segmenter_tile"]["area"]
+    assert (area["sensitivity"], area["specificity"], area["accuracy"]) == (0.5, 0.5, 0.5)
+    assert area["auc"] == pytest.approx(0.75)  # pairs: 30>0, 30>11, 5>0, 5<11
+    head = result["segmenter_tile"]["head"]
+    assert (head["sensitivity"], head["specificity"]) == (0.5, 0.5)
+    classifier = result["classifier"]
+    assert (classifier["sensitivity"], classifier["specificity"], classifier["auc"]) == (1.0, 0.5, 1.0)
+    # A prediction equal to its pseudo-mask everywhere scores 1.0 (the empty negatives included).
+    assert result["segmenter"]["vs_pseudo"]["iou"] == 1.0
+
+
+def test_figure_selection_is_seeded_and_balanced() -> None:
+    tiles = [Tile(f"t{i:02d}.png", "SSA" if i % 3 == 0 else "HP", "test", i % 3 == 0) for i in range(30)]
+    first = evaluate.figure_selection(tiles, 4, seed=3)
+    assert first == evaluate.figure_selection(list(reversed(tiles)), 4, seed=3)
+    assert [tile.positive for tile in first] == [True] * 4 + [False] * 4
+    assert first != evaluate.figure_selection(tiles, 4, seed=4)
+    assert len(evaluate.figure_selection(tiles[:2], 4, seed=0)) == 2  # fewer tiles than asked: all of them

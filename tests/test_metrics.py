@@ -1,0 +1,157 @@
+"""Every metric on hand-made predictions with known answers, including the degenerate cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from weakseg import metrics
+
+# 2 x 3 tile: TP at (0,0),(0,1); FP at (0,2); FN at (1,0); TN at (1,1),(1,2).
+PREDICTION = np.array([[1, 1, 1], [0, 0, 0]], dtype=bool)
+TRUTH = np.array([[1, 1, 0], [1, 0, 0]], dtype=bool)
+
+
+def test_pixel_counts_have_known_values() -> None:
+    counts = metrics.PixelCounts().add(PREDICTION, TRUTH)
+    assert (counts.true_positive, counts.false_positive, counts.false_negative, counts.true_negative) == (2, 1, 1, 2)
+    assert counts.iou == pytest.approx(2 / 4)
+    assert counts.dice == pytest.approx(4 / 6)
+    assert counts.background_iou == pytest.approx(2 / 4)
+    assert counts.miou == pytest.approx(0.5)
+
+
+def test_pixel_counts_accept_0_255_masks_and_a_region() -> None:
+    counts = metrics.PixelCounts().add(PREDICTION.astype(np.uint8) * 255, TRUTH.astype(np.uint8) * 255, where=np.array([[1, 0, 1], [1, 1, 1]]))
+    # (0,1), a true positive, is outside the region.
+    assert (counts.true_positive, counts.false_positive, counts.false_negative, counts.true_negative) == (1, 1, 1, 2)
+
+
+def test_shape_mismatch_is_refused() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        metrics.PixelCounts().add(np.zeros((2, 2), bool), np.zeros((2, 3), bool))
+
+
+def test_tile_scores_of_empty_and_disjoint_masks() -> None:
+    empty = np.zeros((4, 4), dtype=bool)
+    full = np.ones((4, 4), dtype=bool)
+    assert metrics.tile_iou(empty, empty) == 1.0 and metrics.tile_dice(empty, empty) == 1.0
+    assert metrics.tile_iou(empty, full) == 0.0 and metrics.tile_dice(full, empty) == 0.0
+    assert metrics.tile_iou(PREDICTION, TRUTH) == pytest.approx(0.5)
+
+
+def test_segmentation_scores_pool_pixels_and_count_false_positives_on_negatives() -> None:
+    positive_prediction = np.array([[1, 1, 0, 0]], dtype=bool)
+    positive_truth = np.array([[0, 1, 1, 0]], dtype=bool)  # TP 1, FP 1, FN 1, TN 1
+    negative_prediction = np.array([[1, 1, 1, 0]], dtype=bool)  # FP 3, TN 1
+    negative_truth = np.zeros((1, 4), dtype=bool)
+    scores = metrics.segmentation_scores(
+        [positive_prediction, negative_prediction], [positive_truth, negative_truth], [True, False]
+    )
+    assert scores["iou"] == pytest.approx(1 / 6)
+    assert scores["dice"] == pytest.approx(2 / 7)
+    assert scores["miou"] == pytest.approx((1 / 6 + 2 / 7) / 2)  # background: TN 2 / (2 + 4 + 1)
+    assert scores["iou_positive_mean"] == pytest.approx(1 / 3)
+    assert (scores["positive_tiles"], scores["tiles"]) == (1, 2)
+
+
+def test_all_negative_set_with_empty_predictions_is_perfect_and_defined() -> None:
+    empty = [np.zeros((3, 3), dtype=bool)] * 3
+    scores = metrics.segmentation_scores(empty, empty, [False] * 3)
+    assert (scores["iou"], scores["dice"], scores["miou"]) == (1.0, 1.0, 1.0)
+    assert scores["iou_positive_mean"] == 0.0 and scores["positive_tiles"] == 0
+    assert not any(isinstance(value, float) and math.isnan(value) for value in scores.values())
+
+
+def test_all_negative_set_with_false_positives_scores_zero_foreground() -> None:
+    prediction = np.zeros((2, 2), dtype=bool)
+    prediction[0, 0] = True
+    scores = metrics.segmentation_scores([prediction], [np.zeros((2, 2), bool)], [False])
+    assert (scores["iou"], scores["dice"]) == (0.0, 0.0)
+    assert scores["miou"] == pytest.approx((0.0 + 3 / 4) / 2)
+
+
+def test_empty_predictions_on_positive_tiles_score_zero_not_nan() -> None:
+    truth = np.zeros((2, 2), dtype=bool)
+    truth[0] = True
+    scores = metrics.segmentation_scores([np.zeros((2, 2), bool)], [truth], [True])
+    assert (scores["iou"], scores["dice"], scores["iou_positive_mean"]) == (0.0, 0.0, 0.0)
+    assert scores["miou"] == pytest.approx(0.25)  # background IoU 2 / 4
+
+
+def test_empty_tile_set_is_defined() -> None:
+    scores = metrics.segmentation_scores([], [], [])
+    assert scores["iou"] == 1.0 and scores["tiles"] == 0
+
+
+def test_classification_scores_have_known_values() -> None:
+    labels = [True, True, False, False, False]
+    scores = [0.9, 0.4, 0.6, 0.2, 0.1]
+    result = metrics.classification_scores(labels, scores, threshold=0.5)
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["sensitivity"] == pytest.approx(1 / 2)
+    assert result["specificity"] == pytest.approx(2 / 3)
+    assert result["balanced_accuracy"] == pytest.approx(7 / 12)
+    assert result["auc"] == pytest.approx(5 / 6)
+    assert metrics.classification_scores(labels, scores, threshold=0.3)["sensitivity"] == 1.0
+
+
+def test_classification_threshold_is_inclusive_and_ties_count_half() -> None:
+    assert metrics.classification_scores([True], [0.5], threshold=0.5)["sensitivity"] == 1.0
+    assert metrics.roc_auc([True, False], [0.3, 0.3]) == 0.5
+    assert metrics.roc_auc([True, False, False], [0.3, 0.3, 0.1]) == pytest.approx(0.75)
+
+
+def test_all_negative_classification_is_defined() -> None:
+    result = metrics.classification_scores([False, False], [0.1, 0.7], threshold=0.5)
+    assert result == {"accuracy": 0.5, "balanced_accuracy": 0.75, "auc": 0.5, "sensitivity": 1.0, "specificity": 0.5}
+    empty = metrics.classification_scores([], [], threshold=0.5)
+    assert not any(math.isnan(value) for value in empty.values())
+
+
+def test_roc_points_are_monotone_and_their_area_is_the_auc(rng: np.random.Generator) -> None:
+    labels = rng.random(40) < 0.4
+    scores = np.round(rng.random(40) + 0.3 * labels, 1)  # rounded: ties on purpose
+    points = metrics.roc_curve_points(labels, scores)
+    fpr = np.array([point["fpr"] for point in points])
+    tpr = np.array([point["tpr"] for point in points])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.all(np.diff([point["threshold"] for point in points]) <= 0)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(metrics.roc_auc(labels, scores))
+
+
+def test_roc_points_of_a_small_example() -> None:
+    points = metrics.roc_curve_points([True, False, True], [0.8, 0.5, 0.3])
+    assert [(p["fpr"], p["tpr"], p["threshold"]) for p in points] == [
+        (0.0, 0.0, 1.0),
+        (0.0, 0.5, 0.8),
+        (1.0, 0.5, 0.5),
+        (1.0, 1.0, 0.3),
+    ]
+
+
+def test_roc_points_of_one_class_end_at_one_one() -> None:
+    points = metrics.roc_curve_points([False, False], [0.2, 0.6])
+    assert points[-1] == {"fpr": 1.0, "tpr": 1.0, "threshold": 0.0}
+    assert all(0.0 <= p["tpr"] <= 1.0 for p in points)
+
+
+def test_confusion_rows_name_the_classes() -> None:
+    rows = metrics.confusion_rows([True, False, True], [True, True, False], ("HP", "SSA"))
+    assert rows == [
+        {"actual": "SSA", "predicted": "SSA"},
+        {"actual": "HP", "predicted": "SSA"},
+        {"actual": "SSA", "predicted": "HP"},
+    ]
+
+
+def test_roc_end_thresholds_bracket_scores_outside_zero_one() -> None:
+    # Scores such as predicted areas (pixels) or logits: the first point must predict nothing positive.
+    points = metrics.roc_curve_points([True, False], [250.0, 40.0])
+    assert points[0]["threshold"] > 250.0 and (points[0]["fpr"], points[0]["tpr"]) == (0.0, 0.0)
+    assert metrics.roc_curve_points([True], [1.0])[0]["threshold"] > 1.0
+    assert metrics.roc_curve_points([False, False], [-2.0, -1.0])[-1]["threshold"] <= -2.0

@@ -1,0 +1,230 @@
+"""Tests of the refine_masks stage: outputs, truth metrics on hand-made masks, serial == parallel."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from weakseg.data.layout import Tile, read_annotations, write_annotations
+from weakseg.io import read_json, read_mask, write_png
+from weakseg.stage import run_stage
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+class RecordingTracker:
+    """Stands in for MLflow (whose first run builds a SQLite schema for ~10 s) and records what is logged."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, prefix: str = "") -> None:
+        self.metrics.update({f"{prefix}{key}": value for key, value in metrics.items()})
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.artifacts.append(str(path))
+
+
+@pytest.fixture
+def tracker(monkeypatch: pytest.MonkeyPatch) -> RecordingTracker:
+    """Replaces ``stage_run`` in the refine_masks stage with a recorder."""
+    from stages import refine_masks
+
+    recorder = RecordingTracker()
+
+    @contextlib.contextmanager
+    def fake_stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[RecordingTracker]:
+        assert stage == "refine_masks" and params and "refine.crf.bilateral.srgb" in params
+        yield recorder
+
+    monkeypatch.setattr(refine_masks, "stage_run", fake_stage_run)
+    return recorder
+
+
+def _block_tile(column: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image with a purple block left of ``column`` on pink, and a CAM that is high on the block."""
+    image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+    image[:] = (235, 200, 220)
+    image[:, :column] = (150, 60, 150)
+    cam = np.full((SIZE, SIZE), 40, dtype=np.uint8)
+    cam[:, :column] = 220
+    return image, cam
+
+
+def write_project(root: Path, refine: dict[str, Any], with_truth: bool = True) -> list[Tile]:
+    """Four tiles (two per partition, one positive each) with CAMs, tissue and truth, and params."""
+    tiles = [
+        Tile("p1.png", "SSA", "train", True),
+        Tile("n1.png", "HP", "train", False),
+        Tile("p2.png", "SSA", "test", True),
+        Tile("n2.png", "HP", "test", False),
+    ]
+    truth_columns = {"p1.png": 12, "p2.png": 20}
+    for index, tile in enumerate(tiles):
+        image, cam = _block_tile(12 if tile.name == "p1.png" else 20)
+        write_png(root / "data/normalized/images" / tile.name, image)
+        write_png(root / "data/normalized/tissue" / tile.name, np.ones((SIZE, SIZE), dtype=bool))
+        write_png(root / "data/cams" / tile.name, cam)
+        if with_truth:
+            truth = np.zeros((SIZE, SIZE), dtype=bool)
+            if tile.positive:
+                truth[:, : truth_columns[tile.name]] = True
+            write_png(root / "data/raw/masks" / tile.name, truth)
+    write_annotations(root / "data/normalized/annotations.csv", tiles)
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump({"refine": refine}))
+    return tiles
+
+
+def run_refine() -> int:
+    from stages import refine_masks
+
+    return run_stage("refine_masks", refine_masks.run, argv=[])
+
+
+SMALL = {"min_object_size": 16, "figure_tiles": 2, "workers": 1}
+
+
+def test_stage_writes_masks_metrics_and_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tiles = write_project(tmp_path, SMALL)
+    assert run_refine() == 0
+    masks = {tile.name: read_mask(tmp_path / "data/pseudo_masks" / tile.name) for tile in tiles}
+    assert not masks["n1.png"].any() and not masks["n2.png"].any()
+    # The CAM covers the block exactly and its colour edge agrees: the pseudo-mask is the block.
+    assert masks["p1.png"][:, :12].all() and not masks["p1.png"][:, 12:].any()
+    assert masks["p2.png"][:, :20].all() and not masks["p2.png"][:, 20:].any()
+    report = read_json(tmp_path / "metrics/pseudo_masks.json")
+    assert report["has_truth"] is True
+    for partition in ("train", "test"):
+        section = report[partition]
+        assert section["positive_tiles"] == 1 and section["negative_tiles"] == 1
+        assert section["coverage"]["negative_nonempty_tiles"] == 0
+        assert set(section["vs_truth"]) == {"positive_tiles", "threshold", "morphology", "crf"}
+        assert section["vs_truth"]["crf"]["iou"] == pytest.approx(1.0)
+    assert report["train"]["coverage"]["positive"]["mean"] == pytest.approx(12 / 32)
+    assert (tmp_path / "figures/refine_masks/contact_sheet.png").stat().st_size > 1000
+    assert tracker.metrics["pseudo.train.vs_truth.crf.iou"] == pytest.approx(1.0)
+
+
+def test_truth_metrics_per_step_on_hand_made_masks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    """A CAM with a speck: the threshold keeps it, morphology removes it; the scores show it."""
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, {**SMALL, "crf": {"enabled": False}, "threshold_quantile": 0.6})
+    # p1: truth = columns 0..11 (384 px). Its CAM: block high, plus a 2x2 bright speck far right.
+    cam = np.full((SIZE, SIZE), 40, dtype=np.uint8)
+    cam[:, :12] = 220
+    cam[20:22, 28:30] = 255
+    write_png(tmp_path / "data/cams/p1.png", cam)
+    assert run_refine() == 0
+    scores = read_json(tmp_path / "metrics/pseudo_masks.json")["train"]["vs_truth"]
+    # Threshold: 384 true + 4 false positives. Morphology (3x3 opening) drops the speck.
+    assert scores["threshold"]["iou"] == pytest.approx(384 / 388)
+    assert scores["threshold"]["dice"] == pytest.approx(2 * 384 / (2 * 384 + 4))
+    assert scores["threshold"]["iou_positive_mean"] == pytest.approx(384 / 388)
+    assert scores["morphology"]["iou"] == pytest.approx(1.0)
+    assert "crf" not in scores
+
+
+def test_without_truth_there_are_no_truth_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, SMALL, with_truth=False)
+    assert run_refine() == 0
+    report = read_json(tmp_path / "metrics/pseudo_masks.json")
+    assert report["has_truth"] is False and "vs_truth" not in report["train"]
+    assert len(list((tmp_path / "data/pseudo_masks").glob("*.png"))) == 4
+
+
+def test_parallel_and_serial_runs_give_identical_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tiles = write_project(tmp_path, {**SMALL, "workers": 1})
+    # Less regular CAMs than the blocks, so the chain has real work to do.
+    rng = np.random.default_rng(0)
+    for tile in tiles:
+        write_png(tmp_path / "data/cams" / tile.name, rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
+    assert run_refine() == 0
+    serial = {path.name: path.read_bytes() for path in (tmp_path / "data/pseudo_masks").iterdir()}
+    serial_metrics = (tmp_path / "metrics/pseudo_masks.json").read_bytes()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"refine": {**SMALL, "workers": 2}}))
+    assert run_refine() == 0
+    parallel = {path.name: path.read_bytes() for path in (tmp_path / "data/pseudo_masks").iterdir()}
+    assert parallel == serial and len(serial) == 4
+    assert (tmp_path / "metrics/pseudo_masks.json").read_bytes() == serial_metrics
+    assert tracker.metrics["pseudo.workers"] == 2
+
+
+def test_missing_cam_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tracker: RecordingTracker
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, SMALL)
+    (tmp_path / "data/cams/p2.png").unlink()
+    assert run_refine() == 2
+    assert "data/cams/p2.png" in capsys.readouterr().err
+    assert not (tmp_path / "data/pseudo_masks").exists()
+
+
+def test_stage_on_real_tiles(
+    shared_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    """A few real H&E tiles with a CAM made from their truth (blurred): the chain keeps most of the lesion."""
+    from scipy.ndimage import gaussian_filter
+
+    from weakseg.io import read_rgb
+
+    positive_label = "HGIN"
+    tiles = [tile for tile in read_annotations(shared_dataset / "annotations.csv", positive_label) if tile.positive]
+    tiles = sorted(tiles, key=lambda tile: tile.name)[:2]
+    monkeypatch.chdir(tmp_path)
+    for tile in tiles:
+        image = read_rgb(shared_dataset / "images" / tile.name)[:96, :96]
+        truth = read_mask(shared_dataset / "masks" / tile.name)[:96, :96]
+        write_png(tmp_path / "data/normalized/images" / tile.name, image)
+        write_png(tmp_path / "data/normalized/tissue" / tile.name, np.ones(truth.shape, dtype=bool))
+        cam = gaussian_filter(truth.astype(np.float64), sigma=4) + 0.01 * np.arange(96)[None, :] / 96
+        write_png(tmp_path / "data/cams" / tile.name, (cam / cam.max() * 255).round().astype(np.uint8))
+        write_png(tmp_path / "data/raw/masks" / tile.name, truth)
+    negative = Tile("neg.png", "NOR", "test", False)
+    write_png(tmp_path / "data/normalized/images/neg.png", np.full((96, 96, 3), 200, dtype=np.uint8))
+    write_png(tmp_path / "data/normalized/tissue/neg.png", np.ones((96, 96), dtype=bool))
+    write_png(tmp_path / "data/cams/neg.png", np.zeros((96, 96), dtype=np.uint8))
+    write_png(tmp_path / "data/raw/masks/neg.png", np.zeros((96, 96), dtype=bool))
+    write_annotations(tmp_path / "data/normalized/annotations.csv", [*tiles, negative])
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = {"data": {"positive_label": positive_label}, "refine": {"workers": 1, "figure_tiles": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_refine() == 0
+    report = read_json(tmp_path / "metrics/pseudo_masks.json")
+    assert report["train"]["positive_tiles"] + report["test"]["positive_tiles"] == len(tiles)
+    assert not read_mask(tmp_path / "data/pseudo_masks/neg.png").any()
+
+
+def test_figure_tiles_prefer_train_positives_then_one_negative() -> None:
+    from stages.refine_masks import pick_figure_tiles
+
+    tiles = [Tile(f"p{index}.png", "SSA", "train", True) for index in range(9)]
+    tiles += [
+        Tile("q.png", "SSA", "test", True),
+        Tile("n.png", "HP", "test", False),
+        Tile("m.png", "HP", "train", False),
+    ]
+    chosen = [tile.name for tile in pick_figure_tiles(tiles, 3)]
+    assert chosen == ["p0.png", "p4.png", "p8.png", "m.png"]
+    assert pick_figure_tiles(tiles, 0) == []

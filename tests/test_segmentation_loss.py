@@ -1,0 +1,100 @@
+"""The segmenter's combined loss on hand-made logits and targets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.losses import DiceLoss
+
+from weakseg.losses.segmentation import SegmentationLoss
+from weakseg.params import SegmenterLossParams
+
+SIZE = 8
+
+
+def _square_mask(batch: int, positive: list[bool]) -> torch.Tensor:
+    masks = torch.zeros(batch, 1, SIZE, SIZE)
+    for index, is_positive in enumerate(positive):
+        if is_positive:
+            masks[index, 0, 2:6, 2:6] = 1.0
+    return masks
+
+
+def test_perfect_prediction_has_near_zero_mask_loss() -> None:
+    masks = _square_mask(2, [True, False])
+    logits = (masks * 2.0 - 1.0) * 20.0  # confident and right everywhere
+    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.0))
+    terms = loss.terms(logits, torch.zeros(2, 1), masks, torch.tensor([1.0, 0.0]))
+    assert float(terms.dice) < 1e-6
+    assert float(terms.lovasz) == pytest.approx(0.0, abs=1e-6)
+    assert float(terms.total) < 1e-6
+
+
+def test_total_is_the_weighted_sum_of_smp_terms() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, SIZE, SIZE, generator=generator)
+    label_logits = torch.randn(3, 1, generator=generator)
+    masks = _square_mask(3, [True, True, False])
+    labels = torch.tensor([1.0, 1.0, 0.0])
+    weights = SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.2)
+    terms = SegmentationLoss(weights).terms(logits, label_logits, masks, labels)
+    expected_bce = F.binary_cross_entropy_with_logits(label_logits.reshape(-1), labels)
+    assert float(terms.classification) == pytest.approx(float(expected_bce), rel=1e-6)
+    # Batch-pooled soft Dice computed by hand: the negative tile's probabilities are in the denominator.
+    probabilities = torch.sigmoid(logits)
+    intersection = (probabilities * masks).sum()
+    expected_dice = 1 - 2 * intersection / (probabilities.sum() + masks.sum())
+    assert float(terms.dice) == pytest.approx(float(expected_dice), rel=1e-5)
+    assert float(terms.total) == pytest.approx(
+        float(terms.dice + 0.5 * terms.lovasz + 0.2 * terms.classification), rel=1e-6
+    )
+
+
+def test_all_negative_batch_has_finite_loss_pushing_towards_background() -> None:
+    masks = torch.zeros(4, 1, SIZE, SIZE)
+    logits = torch.full((4, 1, SIZE, SIZE), 0.5, requires_grad=True)  # mild false positives everywhere
+    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.0, classification=0.0))
+    terms = loss.terms(logits, torch.zeros(4, 1), masks, torch.zeros(4))
+    assert math.isfinite(float(terms.total.detach()))
+    assert float(terms.dice.detach()) > 0.1
+    # Why the background Dice is needed: smp's foreground Dice is exactly 0 on an empty batch.
+    assert float(DiceLoss(mode="binary", from_logits=True)(logits, masks).detach()) == 0.0
+    terms.total.backward()
+    assert logits.grad is not None
+    # Every pixel is pushed down (gradient descent lowers a logit whose gradient is positive).
+    assert bool((logits.grad > 0).all())
+
+
+def test_all_negative_dice_term_shrinks_as_predictions_empty() -> None:
+    masks = torch.zeros(2, 1, SIZE, SIZE)
+    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.0, classification=0.0))
+    values = [
+        float(loss(torch.full((2, 1, SIZE, SIZE), level), torch.zeros(2, 1), masks, torch.zeros(2)))
+        for level in (2.0, 0.0, -2.0, -10.0)
+    ]
+    assert values == sorted(values, reverse=True)
+    assert values[-1] < 1e-3
+
+
+def test_negative_tile_in_mixed_batch_gets_gradient() -> None:
+    masks = _square_mask(2, [True, False])
+    logits = torch.zeros(2, 1, SIZE, SIZE, requires_grad=True)
+    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.0))
+    loss(logits, torch.zeros(2, 1), masks, torch.tensor([1.0, 0.0])).backward()
+    assert logits.grad is not None
+    assert float(logits.grad[1].abs().sum()) > 0.0
+    assert bool((logits.grad[1] >= 0).all())  # the negative tile only ever gets pushed to background
+
+
+def test_classification_weight_scales_gradient_of_head() -> None:
+    masks = _square_mask(2, [True, False])
+    logits = torch.zeros(2, 1, SIZE, SIZE)
+    label_logits = torch.zeros(2, 1, requires_grad=True)
+    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.2))
+    loss(logits, label_logits, masks, torch.tensor([1.0, 0.0])).backward()
+    assert label_logits.grad is not None
+    # d/dz of 0.2 * mean BCE at z=0 is 0.2 * (0.5 - y) / 2.
+    assert label_logits.grad.reshape(-1).tolist() == pytest.approx([-0.05, 0.05], abs=1e-7)

@@ -1,0 +1,251 @@
+"""The train_segmenter stage and its training loop, on tiny seeded tiles."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stages import train_segmenter as stage
+from weakseg.data.layout import Tile, write_annotations
+from weakseg.io import write_png
+from weakseg.metrics import PixelCounts
+from weakseg.params import AugmentParams, CurriculumParams, SegmenterParams
+from weakseg.stage import run_stage
+from weakseg.training import segmenter as loop
+from weakseg.training.augment import build_augmentation
+from weakseg.training.datasets import TileDataset
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TILE = 32
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_iou", "val_dice", "negative_probability", "lr"]
+
+TINY_SEGMENTER = {
+    "encoder": "resnet18",
+    "weights": "none",
+    "epochs": 2,
+    "batch_size": 4,
+    "lr": 0.01,
+    "curriculum": {"positive_only_epochs": 1, "final_negative_probability": 0.5},
+    "early_stopping_patience": 5,
+    "device": "cpu",
+}
+
+
+def _tile_and_mask(rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A pinkish noisy tile; positive tiles carry a dark blob that is their pseudo-mask."""
+    image = np.clip(rng.normal((220, 170, 200), 12, size=(TILE, TILE, 3)), 0, 255).astype(np.uint8)
+    mask = np.zeros((TILE, TILE), dtype=bool)
+    if positive:
+        top, left = rng.integers(2, TILE // 2, size=2)
+        mask[top : top + TILE // 3, left : left + TILE // 3] = True
+        image[mask] = (90, 40, 120)
+    return image, mask
+
+
+def _write_project(root: Path, segmenter: dict | None = None, train_tiles: int = 12) -> None:
+    """params.yaml, dvc.yaml, data/normalized and data/pseudo_masks; test images are corrupt files."""
+    rng = np.random.default_rng(0)
+    tiles: list[Tile] = []
+    for index in range(train_tiles):
+        positive = index % 2 == 0
+        name = f"train_{index:03d}.png"
+        image, mask = _tile_and_mask(rng, positive)
+        write_png(root / "data/normalized/images" / name, image)
+        write_png(root / "data/pseudo_masks" / name, mask)
+        tiles.append(Tile(name, "SSA" if positive else "HP", "train", positive))
+    for index in range(4):
+        name = f"test_{index:03d}.png"
+        # Undecodable on purpose, and no pseudo-mask: the stage must never open test tiles.
+        (root / "data/normalized/images" / name).write_bytes(b"not a png")
+        tiles.append(Tile(name, "SSA" if index % 2 == 0 else "HP", "test", index % 2 == 0))
+    write_annotations(root / "data/normalized/annotations.csv", tiles)
+    params = {
+        "seed": 3,
+        "data": {"positive_label": "SSA"},
+        "split": {"validation_fraction": 0.34, "seed": 1},
+        "segmenter": segmenter or TINY_SEGMENTER,
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+
+
+@pytest.fixture(scope="module")
+def module_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for this module: creating a SQLite store costs seconds, so it is made once."""
+    return f"sqlite:///{tmp_path_factory.mktemp('segmenter-mlflow')}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _module_mlflow(module_mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_mlflow_store)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    _write_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _read_history(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _stage_runs() -> list[mlflow.entities.Run]:
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return mlflow.search_runs(
+        experiment_names=["weakseg"], filter_string="tags.`weakseg.stage` = 'train_segmenter'", output_format="list"
+    )
+
+
+def test_stage_writes_checkpoint_metrics_history_and_run_without_reading_test(project: Path) -> None:
+    runs_before = {run.info.run_id for run in _stage_runs()}
+    assert run_stage("train_segmenter", stage.run, argv=[]) == 0
+
+    payload = torch.load(project / "models/segmenter.pt", map_location="cpu", weights_only=True)
+    assert payload["kind"] == "segmenter" and payload["arch"] == "resnet18"
+    assert payload["positive_label"] == "SSA" and payload["negative_label"] == "HP"
+    assert payload["tile_size"] == TILE and payload["preprocessing"]["tile_size"] == TILE
+    metrics = json.loads((project / "metrics/segmenter.json").read_text())
+    assert payload["epoch"] == metrics["best_epoch"]
+    assert payload["metrics"]["val_iou"] == pytest.approx(metrics["val_iou"])
+    assert 0.0 <= metrics["val_iou"] <= 1.0 and 0.0 <= metrics["val_dice"] <= 1.0
+    assert metrics["early_stopped_at_epoch"] is None
+    assert metrics["train_tiles"] + metrics["validation_tiles"] == 12
+
+    with (project / "metrics/segmenter_history.csv").open(newline="") as handle:
+        assert next(csv.reader(handle)) == HISTORY_COLUMNS
+    history = _read_history(project / "metrics/segmenter_history.csv")
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert [float(row["negative_probability"]) for row in history] == [0.0, 0.5]
+
+    runs = [run for run in _stage_runs() if run.info.run_id not in runs_before]
+    assert len(runs) == 1
+    client = mlflow.tracking.MlflowClient()
+    steps = [entry.step for entry in client.get_metric_history(runs[0].info.run_id, "val_iou")]
+    assert steps == [1, 2]
+    assert runs[0].data.params["segmenter.encoder"] == "resnet18"
+    artifacts = [item.path for item in client.list_artifacts(runs[0].info.run_id)]
+    assert "segmenter_history.csv" in artifacts
+
+
+def test_stage_is_deterministic_to_the_checkpoint_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same params, same data: identical checkpoint bytes and identical history text on the CPU."""
+    outputs = []
+    for name in ("first", "second"):
+        root = tmp_path / name
+        _write_project(root)
+        monkeypatch.chdir(root)
+        assert run_stage("train_segmenter", stage.run, argv=[]) == 0
+        outputs.append(
+            ((root / "models/segmenter.pt").read_bytes(), (root / "metrics/segmenter_history.csv").read_text())
+        )
+    assert outputs[0][0] == outputs[1][0]
+    assert outputs[0][1] == outputs[1][1]
+
+
+def test_missing_pseudo_mask_is_a_user_error_naming_the_file(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "data/pseudo_masks/train_003.png").unlink()
+    assert run_stage("train_segmenter", stage.run, argv=[]) == 2
+    assert "train_003.png" in capsys.readouterr().err
+    assert not (project / "models/segmenter.pt").exists()
+
+
+def test_undeclared_params_are_not_read(project: Path) -> None:
+    """The stage declares seed, data.positive_label, split and segmenter; nothing else may be touched."""
+    document = yaml.safe_load((project / "dvc.yaml").read_text())
+    assert document["stages"]["train_segmenter"]["params"] == ["seed", "data.positive_label", "split", "segmenter"]
+
+
+def _tiny_data(count: int, seed: int) -> loop.SegmenterData:
+    rng = np.random.default_rng(seed)
+    pairs = [_tile_and_mask(rng, index % 2 == 0) for index in range(count)]
+    return loop.SegmenterData(
+        images=np.stack([image for image, _ in pairs]),
+        masks=np.stack([mask for _, mask in pairs]),
+        positives=np.array([index % 2 == 0 for index in range(count)]),
+    )
+
+
+def test_best_checkpoint_and_early_stopping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scripted validation IoUs: the best epoch's weights are kept, and patience ends the run."""
+    scripted_iou = iter([0.2, 0.6, 0.5, 0.6, 0.4, 0.9])
+    weights_seen: list[torch.Tensor] = []
+
+    def fake_validate(model: torch.nn.Module, *args: object, **kwargs: object) -> loop.ValidationResult:
+        weights_seen.append(next(iter(model.state_dict().values())).detach().clone())
+        iou = next(scripted_iou)
+        # 100 pixels with `iou` of them true positives and the rest false positives.
+        counts = PixelCounts(true_positive=int(round(iou * 100)), false_positive=100 - int(round(iou * 100)))
+        return loop.ValidationResult(counts=counts, loss_sum=1.0, tiles=1)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    params = SegmenterParams(
+        **{**TINY_SEGMENTER, "epochs": 6, "batch_size": 2, "early_stopping_patience": 2},
+    )
+    result = loop.train_segmenter(_tiny_data(4, 0), _tiny_data(2, 1), params, seed=0, device=torch.device("cpu"))
+    assert result.best_epoch == 2  # 0.6 at epoch 4 ties and does not replace it
+    assert result.best_metrics["val_iou"] == pytest.approx(0.6)
+    assert result.stopped_early_at == 4
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    first_key = next(iter(result.best_state_dict))
+    assert torch.equal(result.best_state_dict[first_key], weights_seen[1])
+    assert not torch.equal(result.best_state_dict[first_key], weights_seen[3])
+
+
+def test_early_stopping_waits_for_the_positive_only_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted_iou = iter([0.5, 0.1, 0.1, 0.1, 0.1])
+
+    def fake_validate(*args: object, **kwargs: object) -> loop.ValidationResult:
+        iou = next(scripted_iou)
+        counts = PixelCounts(true_positive=int(iou * 100), false_positive=100 - int(iou * 100))
+        return loop.ValidationResult(counts=counts, loss_sum=1.0, tiles=1)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    params = SegmenterParams(
+        **{
+            **TINY_SEGMENTER,
+            "epochs": 5,
+            "batch_size": 2,
+            "early_stopping_patience": 1,
+            "curriculum": CurriculumParams(positive_only_epochs=3, final_negative_probability=0.3),
+        }
+    )
+    result = loop.train_segmenter(_tiny_data(4, 0), _tiny_data(2, 1), params, seed=0, device=torch.device("cpu"))
+    assert result.stopped_early_at == 4
+    assert result.best_epoch == 1
+
+
+def test_flipped_tile_carries_its_mask() -> None:
+    image = np.zeros((TILE, TILE, 3), dtype=np.uint8)
+    image[:, :4] = 255  # a white band at the left edge
+    mask = np.zeros((1, TILE, TILE), dtype=bool)
+    mask[0, :, :4] = True
+    augmentation = build_augmentation(AugmentParams(flips=True, rotate90=True, color_jitter=0.0, hue_jitter=0.0), 0)
+    dataset = TileDataset(image[None], [True], mask, augmentation)
+    moved = 0
+    for seed in range(12):
+        dataset.set_augmentation_seed(seed)
+        tile, _, target = dataset[0]
+        bright = tile.mean(dim=0) > 0  # normalized white is positive, black negative
+        assert torch.equal(bright, target[0] > 0.5)
+        moved += int(not torch.equal(target[0] > 0.5, torch.from_numpy(mask[0])))
+    assert moved > 0  # some seeds did transform the pair
+
+
+def test_training_batches_never_leave_a_single_tile() -> None:
+    assert [len(batch) for batch in loop.training_batches(np.arange(9), 4)] == [4, 5]
+    assert [len(batch) for batch in loop.training_batches(np.arange(8), 4)] == [4, 4]
+    assert loop.training_batches(np.arange(1), 4) == []

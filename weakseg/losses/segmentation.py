@@ -1,0 +1,95 @@
+"""The segmenter's loss: Dice + Lovasz on the mask, plus BCE on the tile-level head.
+
+Both mask terms come from segmentation_models.pytorch in binary mode and take logits. Both are pooled
+over the whole batch (not averaged per image), so a negative tile in a mixed batch adds its false
+positives to the pooled denominator and receives a real gradient.
+
+The one case smp does not cover is a batch with no foreground pixel at all (a batch of negative tiles,
+common late in the curriculum): smp's ``DiceLoss`` multiplies the loss of a class absent from the target
+by zero, whatever ``smooth`` and ``eps`` are, so the Dice term would silently vanish for that batch. For
+such a batch the Dice term is instead smp's own ``DiceLoss`` on the *background* class (logits negated,
+target complemented). Its value is ``sum(p) / (2 * N - sum(p))`` for ``N`` pixels of foreground
+probability ``p``: zero only when nothing is predicted, finite, and its gradient lowers every pixel's
+foreground probability. The Lovasz hinge needs no such care (on an empty target it penalises the most
+confident false positive), and the classification BCE is defined for every label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
+from torch import nn
+
+from weakseg.params import SegmenterLossParams
+
+
+@dataclass(frozen=True)
+class SegmentationLossTerms:
+    """The weighted total and its unweighted parts (for logging)."""
+
+    total: torch.Tensor
+    dice: torch.Tensor
+    lovasz: torch.Tensor
+    classification: torch.Tensor
+
+
+class SegmentationLoss(nn.Module):
+    """``dice * Dice + lovasz * Lovasz`` on mask logits plus ``classification * BCE`` on tile logits.
+
+    Args:
+        weights: the three term weights (``segmenter.loss`` in params.yaml).
+    """
+
+    def __init__(self, weights: SegmenterLossParams) -> None:
+        super().__init__()
+        self.weights = weights
+        # Batch-pooled (smp's binary default), so a mixed batch scores negatives' false positives too.
+        self.dice_loss = DiceLoss(mode="binary", from_logits=True)
+        self.lovasz_loss = LovaszLoss(mode="binary", per_image=False, from_logits=True)
+
+    def terms(
+        self,
+        mask_logits: torch.Tensor,
+        label_logits: torch.Tensor,
+        target_masks: torch.Tensor,
+        target_labels: torch.Tensor,
+    ) -> SegmentationLossTerms:
+        """Every term of the loss for one batch.
+
+        Args:
+            mask_logits: ``(N, 1, H, W)`` foreground logits.
+            label_logits: ``(N, 1)`` or ``(N,)`` tile logits of the auxiliary head.
+            target_masks: ``(N, 1, H, W)`` or ``(N, H, W)`` masks in {0, 1}.
+            target_labels: ``(N,)`` tile labels in {0, 1}.
+
+        Returns:
+            The weighted total and the unweighted terms, all float32 scalars.
+        """
+        # Losses in float32 even under bf16 autocast: the Lovasz sort and Dice ratios lose too much in bf16.
+        mask_logits = mask_logits.float()
+        target_masks = target_masks.float().reshape(mask_logits.shape)
+        if bool((target_masks > 0.5).any()):
+            dice = self.dice_loss(mask_logits, target_masks)
+        else:
+            dice = self.dice_loss(-mask_logits, 1.0 - target_masks)
+        lovasz = self.lovasz_loss(mask_logits, target_masks)
+        classification = F.binary_cross_entropy_with_logits(
+            label_logits.float().reshape(-1), target_labels.float().reshape(-1)
+        )
+        total = (
+            self.weights.dice * dice + self.weights.lovasz * lovasz + self.weights.classification * classification
+        )
+        return SegmentationLossTerms(total=total, dice=dice, lovasz=lovasz, classification=classification)
+
+    def forward(
+        self,
+        mask_logits: torch.Tensor,
+        label_logits: torch.Tensor,
+        target_masks: torch.Tensor,
+        target_labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """The weighted total loss of one batch (see :meth:`terms`)."""
+        return self.terms(mask_logits, label_logits, target_masks, target_labels).total

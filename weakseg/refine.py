@@ -1,0 +1,317 @@
+"""From a class activation map to a pseudo-mask: the paper's refinement chain, one function per step.
+
+The chain (Spajic et al. 2025) is: threshold the CAM at a quantile of its values inside the tissue,
+morphological opening then closing, removal of small connected components, and a fully connected CRF
+(DenseCRF) on the stain-normalized RGB tile. Negative tiles get empty masks. Every function takes and
+returns arrays; files are read and written by ``stages/refine_masks.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from skimage import morphology
+
+from weakseg.errors import UserInputError
+
+UNARY_KINDS = ("probability", "hard")
+
+# The CRF never sees a probability of exactly 0 or 1: log(0) would make a label impossible to change.
+_PROBABILITY_CLIP = 1e-4
+
+
+class RefineInputError(UserInputError):
+    """Raised when a CAM, tissue mask or image does not fit the refinement chain."""
+
+
+@dataclass(frozen=True)
+class CrfSettings:
+    """DenseCRF settings (the ``refine.crf`` params block, as plain values).
+
+    Attributes:
+        iterations: mean-field iterations.
+        unary: ``probability`` (from the CAM, steered by the refined mask) or ``hard`` (the refined mask only).
+        hard_confidence: the foreground probability given to mask pixels by the hard unary (and to the
+            mask term of the probability unary).
+        gaussian_sxy: spatial scale of the smoothness term, in pixels.
+        gaussian_compat: weight of the smoothness term.
+        bilateral_sxy: spatial scale of the appearance term, in pixels.
+        bilateral_srgb: colour scale of the appearance term, in 8-bit RGB units.
+        bilateral_compat: weight of the appearance term.
+    """
+
+    iterations: int = 5
+    unary: str = "probability"
+    hard_confidence: float = 0.9
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """The whole chain's settings (the ``refine`` params block, as plain values that pickle cheaply).
+
+    Attributes:
+        threshold_quantile: the CAM quantile (within tissue) above which a pixel is foreground.
+        restrict_to_tissue: take the quantile over tissue pixels only and keep the mask inside the tissue.
+        opening_kernel: side of the square opening footprint; 0 skips opening.
+        closing_kernel: side of the square closing footprint; 0 skips closing.
+        min_object_size: connected components with fewer pixels are removed; 0 keeps all.
+        crf: DenseCRF settings, or None to skip the CRF.
+    """
+
+    threshold_quantile: float = 0.5
+    restrict_to_tissue: bool = True
+    opening_kernel: int = 3
+    closing_kernel: int = 5
+    min_object_size: int = 64
+    crf: CrfSettings | None = CrfSettings()
+
+
+@dataclass(frozen=True)
+class RefinementSteps:
+    """The mask after each step of the chain, so the value of each step can be measured.
+
+    Attributes:
+        thresholded: the quantile-thresholded CAM.
+        morphology: after opening, closing and small-object removal.
+        refined: after the CRF (equal to ``morphology`` when the CRF is off); the pseudo-mask.
+    """
+
+    thresholded: np.ndarray
+    morphology: np.ndarray
+    refined: np.ndarray
+
+
+def _as_float_cam(cam: np.ndarray) -> np.ndarray:
+    cam = np.asarray(cam)
+    if cam.ndim != 2:
+        raise RefineInputError(f"a CAM must be a 2-D array, got shape {cam.shape}")
+    if cam.dtype == np.uint8:
+        return cam.astype(np.float64) / 255.0
+    return cam.astype(np.float64)
+
+
+def _check_same_shape(cam: np.ndarray, other: np.ndarray, what: str) -> None:
+    if other.shape[:2] != cam.shape:
+        raise RefineInputError(f"{what} shape {other.shape[:2]} differs from the CAM's shape {cam.shape}")
+
+
+def threshold_cam(
+    cam: np.ndarray, tissue: np.ndarray | None, quantile: float = 0.5, restrict_to_tissue: bool = True
+) -> np.ndarray:
+    """Foreground where the CAM lies above its ``quantile`` (taken over tissue pixels).
+
+    The comparison is strict (``cam > cut``) unless pixels tied at the cut must be kept to come nearer the
+    wanted share ``1 - quantile`` of the tissue (an 8-bit CAM saturated over most of the tissue). A flat CAM
+    (a classifier that saw nothing) gives an empty mask rather than the whole tissue.
+
+    Args:
+        cam: ``(H, W)`` activation map, float (any scale) or uint8.
+        tissue: ``(H, W)`` tissue mask (bool or 0/255), or None for "everything is tissue".
+        quantile: in [0, 1]; 0.5 keeps the upper half of the tissue's CAM values.
+        restrict_to_tissue: take the quantile over tissue pixels only, and never mark non-tissue pixels.
+
+    Returns:
+        A boolean ``(H, W)`` mask; empty when the tissue is empty.
+
+    Raises:
+        RefineInputError: if the shapes differ or the quantile is outside [0, 1].
+    """
+    values = _as_float_cam(cam)
+    if not 0.0 <= quantile <= 1.0:
+        raise RefineInputError(f"refine.threshold_quantile must be in [0, 1], got {quantile}")
+    if tissue is None or not restrict_to_tissue:
+        region = np.ones(values.shape, dtype=bool)
+    else:
+        region = np.asarray(tissue) > 0
+        _check_same_shape(values, region, "tissue mask")
+    if not region.any():
+        return np.zeros(values.shape, dtype=bool)
+    inside = values[region]
+    cut = float(np.quantile(inside, quantile))
+    above = (values > cut) & region
+    # Quantized or saturated CAMs tie at the cut: keep the tied pixels too when that lands nearer the
+    # wanted share (1 - quantile) of the tissue; on a tie of distances the strict side wins.
+    wanted = 1.0 - quantile
+    strict_share = float(np.count_nonzero(inside > cut)) / inside.size
+    inclusive_share = float(np.count_nonzero(inside >= cut)) / inside.size
+    if abs(inclusive_share - wanted) < abs(strict_share - wanted):
+        return (values >= cut) & region
+    return above
+
+
+def _square(size: int) -> np.ndarray:
+    return morphology.footprint_rectangle((size, size))
+
+
+def open_mask(mask: np.ndarray, kernel: int = 3) -> np.ndarray:
+    """Morphological opening with a ``kernel`` x ``kernel`` square: removes specks and thin bridges.
+
+    A kernel of 0 or 1 returns the mask unchanged.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if kernel <= 1:
+        return mask.copy()
+    return morphology.opening(mask, _square(kernel))
+
+
+def close_mask(mask: np.ndarray, kernel: int = 5) -> np.ndarray:
+    """Morphological closing with a ``kernel`` x ``kernel`` square: fills small gaps and holes.
+
+    A kernel of 0 or 1 returns the mask unchanged.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if kernel <= 1:
+        return mask.copy()
+    return morphology.closing(mask, _square(kernel))
+
+
+def remove_small_components(mask: np.ndarray, min_size: int = 64) -> np.ndarray:
+    """Removes 8-connected foreground components of fewer than ``min_size`` pixels (0 keeps all)."""
+    mask = np.asarray(mask, dtype=bool)
+    if min_size <= 1:
+        return mask.copy()
+    # skimage >= 0.26 removes components of size <= max_size.
+    return morphology.remove_small_objects(mask, max_size=min_size - 1, connectivity=2)
+
+
+def cam_foreground_probability(cam: np.ndarray, cut: float) -> np.ndarray:
+    """Maps CAM values to a foreground probability with the threshold at 0.5.
+
+    Piecewise linear and monotone: ``0 -> 0``, ``cut -> 0.5``, ``max(cam) -> 1``, so the CRF's decision
+    boundary without pairwise terms is the quantile threshold itself.
+    """
+    values = _as_float_cam(cam)
+    top = float(values.max()) if values.size else 1.0
+    below = 0.5 * values / cut if cut > 0 else np.zeros_like(values)
+    span = top - cut
+    above = 0.5 + 0.5 * (values - cut) / span if span > 0 else np.full_like(values, 1.0)
+    return np.clip(np.where(values <= cut, below, above), 0.0, 1.0)
+
+
+def crf_unary_probability(
+    mask: np.ndarray,
+    cam: np.ndarray | None,
+    cut: float,
+    tissue: np.ndarray | None,
+    settings: CrfSettings,
+) -> np.ndarray:
+    """The foreground probability the CRF starts from.
+
+    ``hard``: ``hard_confidence`` on the mask and ``1 - hard_confidence`` elsewhere. ``probability``: the
+    mean of the hard term and the CAM probability (:func:`cam_foreground_probability`), so the CRF sees how
+    sure the classifier was while the morphology steps still count. Outside the tissue the probability is
+    capped at the background level: glass and lumen are never the lesion.
+
+    Returns:
+        ``(H, W)`` float64 probabilities in ``[1e-4, 1 - 1e-4]``.
+    """
+    if settings.unary not in UNARY_KINDS:
+        raise RefineInputError(f"refine.crf.unary must be one of {UNARY_KINDS}, got {settings.unary!r}")
+    mask = np.asarray(mask, dtype=bool)
+    confidence = settings.hard_confidence
+    hard = np.where(mask, confidence, 1.0 - confidence)
+    if settings.unary == "probability":
+        if cam is None:
+            raise RefineInputError("refine.crf.unary 'probability' needs the CAM")
+        probability = 0.5 * (hard + cam_foreground_probability(cam, cut))
+    else:
+        probability = hard
+    if tissue is not None:
+        probability = np.where(np.asarray(tissue) > 0, probability, np.minimum(probability, 1.0 - confidence))
+    return np.clip(probability, _PROBABILITY_CLIP, 1.0 - _PROBABILITY_CLIP)
+
+
+def dense_crf(image: np.ndarray, foreground_probability: np.ndarray, settings: CrfSettings) -> np.ndarray:
+    """Two-label DenseCRF (pydensecrf) with a Gaussian and a bilateral pairwise term.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB tile (the stain-normalized one).
+        foreground_probability: ``(H, W)`` probabilities in (0, 1).
+        settings: iterations and pairwise parameters.
+
+    Returns:
+        A boolean ``(H, W)`` mask: pixels whose foreground marginal wins after inference.
+    """
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise RefineInputError(f"the CRF needs a uint8 RGB tile, got shape {image.shape} dtype {image.dtype}")
+    height, width = foreground_probability.shape
+    if image.shape[:2] != (height, width):
+        raise RefineInputError(f"image shape {image.shape[:2]} differs from the CAM's shape {(height, width)}")
+    probability = np.asarray(foreground_probability, dtype=np.float32)
+    softmax = np.stack([1.0 - probability, probability])
+    crf = dcrf.DenseCRF2D(width, height, 2)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(softmax)))
+    crf.addPairwiseGaussian(sxy=settings.gaussian_sxy, compat=settings.gaussian_compat)
+    crf.addPairwiseBilateral(
+        sxy=settings.bilateral_sxy,
+        srgb=settings.bilateral_srgb,
+        # pydensecrf's memoryview needs a writable buffer (PIL arrays are read-only).
+        rgbim=np.require(image, requirements=["C", "W"]),
+        compat=settings.bilateral_compat,
+    )
+    marginals = np.asarray(crf.inference(settings.iterations)).reshape(2, height, width)
+    # Ties go to background, so a CRF that is undecided never invents lesion.
+    return marginals[1] > marginals[0]
+
+
+def refine_pseudo_mask(
+    cam: np.ndarray,
+    image: np.ndarray,
+    tissue: np.ndarray | None,
+    positive: bool,
+    settings: RefineSettings,
+) -> RefinementSteps:
+    """Runs the whole chain on one tile and keeps every intermediate mask.
+
+    Args:
+        cam: ``(H, W)`` CAM (uint8 0..255 or float 0..1).
+        image: ``(H, W, 3)`` uint8 stain-normalized RGB tile (used by the CRF only).
+        tissue: ``(H, W)`` tissue mask, or None.
+        positive: the tile's image-level label; negative tiles get empty masks at every step.
+        settings: the chain's parameters.
+
+    Returns:
+        The thresholded, morphology and refined masks (boolean, ``(H, W)``).
+    """
+    values = _as_float_cam(cam)
+    if tissue is not None:
+        _check_same_shape(values, np.asarray(tissue), "tissue mask")
+    empty = np.zeros(values.shape, dtype=bool)
+    if not positive:
+        return RefinementSteps(empty, empty.copy(), empty.copy())
+    thresholded = threshold_cam(values, tissue, settings.threshold_quantile, settings.restrict_to_tissue)
+    cleaned = open_mask(thresholded, settings.opening_kernel)
+    cleaned = close_mask(cleaned, settings.closing_kernel)
+    cleaned = remove_small_components(cleaned, settings.min_object_size)
+    tissue_region = None if tissue is None or not settings.restrict_to_tissue else np.asarray(tissue) > 0
+    if settings.crf is None:
+        refined = cleaned.copy()
+    else:
+        region = tissue_region if tissue_region is not None else np.ones(values.shape, dtype=bool)
+        cut = float(np.quantile(values[region], settings.threshold_quantile)) if region.any() else 1.0
+        probability = crf_unary_probability(cleaned, values, cut, tissue_region, settings.crf)
+        refined = dense_crf(image, probability, settings.crf)
+    if tissue_region is not None:
+        # Closing and the CRF can reach past the tissue edge; lesion pixels are tissue by definition.
+        refined &= tissue_region
+    return RefinementSteps(thresholded, cleaned, refined)
+
+
+def foreground_fraction(mask: np.ndarray, within: np.ndarray | None = None) -> float:
+    """The share of foreground pixels, over the tile or over ``within`` (0.0 when ``within`` is empty)."""
+    mask = np.asarray(mask, dtype=bool)
+    if within is None:
+        return float(mask.mean()) if mask.size else 0.0
+    region = np.asarray(within) > 0
+    total = int(region.sum())
+    return float(np.count_nonzero(mask & region)) / total if total else 0.0

@@ -1,0 +1,461 @@
+"""The tile classifier's training loop: loss, progressive unfreezing, optimizer, schedule, selection.
+
+The loop is written so that it can later run under ``torch.distributed``: the sampler and loader are
+built in one function (:func:`build_train_loader`, one call per epoch, as ``DistributedSampler.set_epoch``
+would need), validation metrics are computed from the predictions of the whole validation split
+(:func:`predict_logits` returns them, so a distributed version gathers them first), and nothing here
+writes a file: the stage does every write, from the main process.
+
+Epochs are counted from 0. Epoch ``e`` trains the parameter groups :func:`trainable_groups` returns for
+``e``, with augmentation seeded by ``seed + e`` and data order drawn from a generator seeded by
+``seed + e``, so a run repeats exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, get_worker_info
+from tqdm import tqdm
+
+from weakseg.errors import UserInputError
+from weakseg.losses.focal_tversky import FocalTverskyLoss
+from weakseg.metrics import classification_scores
+from weakseg.params import ClassifierParams, UnfreezeParams
+from weakseg.training.common import worker_seed
+from weakseg.training.datasets import TileDataset
+
+LOGGER = logging.getLogger(__name__)
+
+#: Parameter groups of a torchvision ResNet. ``stem`` is ``conv1`` + ``bn1``; ``fc`` is the new head.
+STEM_GROUP = "stem"
+HEAD_GROUP = "fc"
+ALL_GROUPS: frozenset[str] = frozenset({STEM_GROUP, "layer1", "layer2", "layer3", "layer4", HEAD_GROUP})
+#: Pretrained groups in the order they are unfrozen; the last step (layer1 + stem) happens at ``full_epoch``.
+UNFREEZE_ORDER: tuple[frozenset[str], ...] = (
+    frozenset({"layer4"}),
+    frozenset({"layer3"}),
+    frozenset({"layer2"}),
+    frozenset({"layer1", STEM_GROUP}),
+)
+
+#: History columns, in file order (docs/DEVELOPMENT.md).
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc", "lr")
+
+
+class TrainingDivergedError(UserInputError):
+    """Raised when the training loss becomes NaN or infinite (usually a learning rate that is too high)."""
+
+
+# ------------------------------------------------------------------------------------------ unfreezing
+def trainable_groups(epoch: int, unfreeze: UnfreezeParams) -> set[str]:
+    """The parameter groups that train in ``epoch`` (counted from 0).
+
+    With unfreezing enabled, epochs ``0 .. frozen_epochs - 1`` train only the head; the span from
+    ``frozen_epochs`` to ``full_epoch`` is cut into three equal phases that add ``layer4``, then
+    ``layer3``, then ``layer2``; from ``full_epoch`` on, ``layer1`` and the stem join and the whole
+    network trains. Disabled, every group trains in every epoch.
+
+    Args:
+        epoch: the epoch, from 0.
+        unfreeze: the schedule.
+
+    Returns:
+        A subset of :data:`ALL_GROUPS`, always containing the head.
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if not unfreeze.enabled or epoch >= unfreeze.full_epoch:
+        return set(ALL_GROUPS)
+    if epoch < unfreeze.frozen_epochs:
+        return {HEAD_GROUP}
+    span = unfreeze.full_epoch - unfreeze.frozen_epochs  # > 0 here: frozen_epochs <= epoch < full_epoch
+    steps = 1 + (len(UNFREEZE_ORDER) - 1) * (epoch - unfreeze.frozen_epochs) // span
+    groups = {HEAD_GROUP}
+    for step in UNFREEZE_ORDER[:steps]:
+        groups |= step
+    return groups
+
+
+def parameter_group(name: str) -> str:
+    """The group of a ResNet parameter or module name (``layer3.1.conv2.weight`` -> ``layer3``)."""
+    head = name.split(".", 1)[0]
+    if head in ("conv1", "bn1"):
+        return STEM_GROUP
+    if head in ALL_GROUPS:
+        return head
+    raise ValueError(f"parameter {name!r} belongs to no ResNet group {sorted(ALL_GROUPS)}")
+
+
+def apply_trainable_groups(model: nn.Module, groups: set[str]) -> None:
+    """Sets ``requires_grad`` of every parameter: True exactly for the parameters of ``groups``."""
+    unknown = set(groups) - ALL_GROUPS
+    if unknown:
+        raise ValueError(f"unknown parameter groups {sorted(unknown)}, expected a subset of {sorted(ALL_GROUPS)}")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(parameter_group(name) in groups)
+
+
+def set_training_mode(model: nn.Module, groups: set[str]) -> None:
+    """Training mode, except the batch-norm layers of frozen groups.
+
+    A frozen pretrained layer keeps its running statistics too: updating them on a few batches of a new
+    domain would change what the frozen weights compute.
+    """
+    model.train()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and parameter_group(name) not in groups:
+            module.eval()
+
+
+# ---------------------------------------------------------------------------------- loss and optimizer
+class ClassificationLoss(nn.Module):
+    """``bce_weight * BCE + focal_tversky_weight * FocalTversky`` on tile logits.
+
+    Args:
+        bce_weight: weight of the binary cross-entropy (mean over tiles).
+        focal_tversky_weight: weight of the Focal Tversky loss (over the batch).
+        alpha: Focal Tversky weight of false negatives.
+        beta: Focal Tversky weight of false positives.
+        gamma: Focal Tversky focal parameter.
+    """
+
+    def __init__(
+        self, bce_weight: float, focal_tversky_weight: float, alpha: float, beta: float, gamma: float
+    ) -> None:
+        super().__init__()
+        self.bce_weight = bce_weight
+        self.focal_tversky_weight = focal_tversky_weight
+        self.bce = nn.BCEWithLogitsLoss()
+        self.focal_tversky = FocalTverskyLoss(alpha, beta, gamma)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The combined loss of logits ``(N,)`` against 0/1 targets ``(N,)``."""
+        logits = logits.float().reshape(-1)
+        targets = targets.float().reshape(-1)
+        loss = logits.new_zeros(())
+        if self.bce_weight:
+            loss = loss + self.bce_weight * self.bce(logits, targets)
+        if self.focal_tversky_weight:
+            loss = loss + self.focal_tversky_weight * self.focal_tversky(logits, targets)
+        return loss
+
+
+def build_loss(params: ClassifierParams) -> ClassificationLoss:
+    """The classifier's loss from its parameters."""
+    return ClassificationLoss(
+        params.bce_weight,
+        params.focal_tversky_weight,
+        params.focal_tversky.alpha,
+        params.focal_tversky.beta,
+        params.focal_tversky.gamma,
+    )
+
+
+def build_optimizer(model: nn.Module, params: ClassifierParams) -> torch.optim.SGD:
+    """SGD over every parameter.
+
+    Frozen parameters are included: their gradient stays ``None``, which SGD skips (no step, no weight
+    decay), and they start training with fresh momentum when the schedule unfreezes them.
+    """
+    return torch.optim.SGD(
+        model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, params: ClassifierParams, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle schedule peaking at ``classifier.lr``, stepped once per batch.
+
+    Momentum is not cycled, so ``classifier.momentum`` is the momentum used.
+    """
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=params.lr,
+        total_steps=params.epochs * steps_per_epoch,
+        cycle_momentum=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _seed_worker(worker_id: int, base_seed: int) -> None:
+    """Gives each loader worker its own augmentation stream, derived from the epoch's seed."""
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, TileDataset):
+        info.dataset.set_augmentation_seed(worker_seed(base_seed, worker_id))
+    np.random.seed(worker_seed(base_seed, worker_id))
+    torch.manual_seed(worker_seed(base_seed, worker_id))
+
+
+def train_drops_last(dataset_size: int, batch_size: int) -> bool:
+    """Whether training drops the last incomplete batch.
+
+    It does whenever there is at least one full batch: a last batch of one tile would break batch norm,
+    and shuffling puts every tile in a full batch over the epochs.
+    """
+    return dataset_size >= batch_size
+
+
+def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
+    """Optimizer steps in one training epoch."""
+    if dataset_size <= 0:
+        raise ValueError("the training set is empty")
+    return dataset_size // batch_size if train_drops_last(dataset_size, batch_size) else 1
+
+
+def build_train_loader(
+    dataset: TileDataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The shuffled, augmented loader of one training epoch.
+
+    The augmentation is re-seeded with ``seed + epoch`` and the order comes from a generator seeded with
+    ``seed + epoch``; workers derive their own seeds from it. (Under DDP this is where a
+    ``DistributedSampler`` with ``set_epoch(epoch)`` would go.)
+    """
+    epoch_seed = seed + epoch
+    dataset.set_augmentation_seed(epoch_seed)
+    generator = torch.Generator()
+    generator.manual_seed(epoch_seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=train_drops_last(len(dataset), batch_size),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=generator,
+        worker_init_fn=functools.partial(_seed_worker, base_seed=epoch_seed) if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def build_eval_loader(
+    dataset: TileDataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """An ordered loader without augmentation (the dataset should have none)."""
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers, pin_memory=pin_memory
+    )
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def _autocast(device: torch.device, mixed_precision: bool) -> torch.autocast:
+    """bf16 autocast on CUDA when asked; a disabled context elsewhere (CPU always runs float32)."""
+    enabled = mixed_precision and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_function: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    device: torch.device,
+    mixed_precision: bool = False,
+    description: str = "training",
+) -> tuple[float, float]:
+    """One pass over ``loader`` with one optimizer (and scheduler) step per batch.
+
+    The caller sets the training mode and the trainable groups first.
+
+    Returns:
+        ``(mean loss per tile, learning rate of the last step)``.
+
+    Raises:
+        TrainingDivergedError: if a batch's loss is not finite.
+    """
+    total_loss = 0.0
+    total_tiles = 0
+    last_lr = optimizer.param_groups[0]["lr"]
+    non_blocking = device.type == "cuda"
+    progress = tqdm(loader, desc=description, leave=False, unit="batch")
+    for images, labels in progress:
+        images = images.to(device, non_blocking=non_blocking)
+        labels = labels.to(device, non_blocking=non_blocking)
+        with _autocast(device, mixed_precision):
+            logits = model(images)
+        loss = loss_function(logits.float().reshape(-1), labels)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"the classifier's training loss became {loss.item()} at learning rate "
+                f"{optimizer.param_groups[0]['lr']:.3g}; lower classifier.lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        last_lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        batch = int(labels.shape[0])
+        total_loss += float(loss.detach()) * batch
+        total_tiles += batch
+        progress.set_postfix(loss=f"{total_loss / total_tiles:.4f}")
+    if total_tiles == 0:
+        raise ValueError("the training loader produced no batch")
+    return total_loss / total_tiles, float(last_lr)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, loader: DataLoader, device: torch.device, mixed_precision: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every tile of ``loader``, in loader order, on the CPU (float32).
+
+    Under DDP, these are what the ranks gather before computing metrics.
+    """
+    model.eval()
+    all_logits: list[torch.Tensor] = []
+    all_labels: list[torch.Tensor] = []
+    for images, labels in loader:
+        with _autocast(device, mixed_precision):
+            logits = model(images.to(device))
+        all_logits.append(logits.float().reshape(-1).cpu())
+        all_labels.append(labels.float().reshape(-1))
+    if not all_logits:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def validation_scores(logits: torch.Tensor, labels: torch.Tensor, loss_function: nn.Module) -> dict[str, float]:
+    """Loss and classification metrics of a whole validation split's logits.
+
+    The loss is computed over the whole split at once (the Focal Tversky term is a set-level loss, so
+    this does not depend on the batch size).
+    """
+    loss = float(loss_function(logits, labels))
+    probabilities = torch.sigmoid(logits).numpy().astype(np.float64)
+    scores = classification_scores(labels.numpy() > 0.5, probabilities)
+    return {"loss": loss, **scores}
+
+
+def majority_class_rate(labels: np.ndarray | list[bool]) -> float:
+    """The accuracy of always predicting the more frequent class."""
+    labels_array = np.asarray(labels, dtype=bool)
+    if labels_array.size == 0:
+        return 0.0
+    positives = float(labels_array.mean())
+    return max(positives, 1.0 - positives)
+
+
+def is_better(metric: str, candidate: float, best: float | None) -> bool:
+    """Whether ``candidate`` beats ``best`` on ``metric`` (lower is better only for ``loss``; ties lose)."""
+    if best is None:
+        return True
+    if math.isnan(candidate):
+        return False
+    return candidate < best if metric == "loss" else candidate > best
+
+
+@dataclass
+class TrainingResult:
+    """What the loop hands back to the stage."""
+
+    best_state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    best_scores: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_classifier(
+    model: nn.Module,
+    train_dataset: TileDataset,
+    validation_dataset: TileDataset,
+    params: ClassifierParams,
+    seed: int,
+    device: torch.device,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainingResult:
+    """Trains ``model`` and returns its best state by ``params.selection_metric`` on validation.
+
+    Args:
+        model: a ResNet classifier with a one-logit head (``models.build_classifier``).
+        train_dataset: augmented training tiles.
+        validation_dataset: validation tiles, without augmentation.
+        params: the ``classifier`` section.
+        seed: the run's seed (data order and augmentation of epoch ``e`` use ``seed + e``).
+        device: where to train.
+        on_epoch_end: called with each history row (see :data:`HISTORY_COLUMNS`), e.g. to log it.
+
+    Returns:
+        The best state dict (on the CPU), its epoch and validation scores, and the history rows.
+    """
+    model.to(device)
+    loss_function = build_loss(params)
+    optimizer = build_optimizer(model, params)
+    scheduler = build_scheduler(optimizer, params, steps_per_epoch(len(train_dataset), params.batch_size))
+    pin_memory = device.type == "cuda"
+    validation_loader = build_eval_loader(validation_dataset, params.batch_size, params.num_workers, pin_memory)
+    history: list[dict[str, Any]] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    best_value: float | None = None
+    best_epoch = -1
+    best_scores: dict[str, float] = {}
+    for epoch in range(params.epochs):
+        groups = trainable_groups(epoch, params.unfreeze)
+        apply_trainable_groups(model, groups)
+        set_training_mode(model, groups)
+        loader = build_train_loader(train_dataset, params.batch_size, seed, epoch, params.num_workers, pin_memory)
+        train_loss, lr = train_one_epoch(
+            model,
+            loader,
+            loss_function,
+            optimizer,
+            scheduler,
+            device,
+            params.mixed_precision,
+            description=f"epoch {epoch + 1}/{params.epochs}",
+        )
+        logits, labels = predict_logits(model, validation_loader, device, params.mixed_precision)
+        scores = validation_scores(logits, labels, loss_function)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": scores["loss"],
+            "val_accuracy": scores["accuracy"],
+            "val_balanced_accuracy": scores["balanced_accuracy"],
+            "val_auc": scores["auc"],
+            "lr": lr,
+        }
+        history.append(row)
+        LOGGER.info(
+            "epoch %d: train loss %.4f, val loss %.4f, accuracy %.3f, balanced %.3f, AUC %.3f (groups: %s)",
+            epoch,
+            train_loss,
+            scores["loss"],
+            scores["accuracy"],
+            scores["balanced_accuracy"],
+            scores["auc"],
+            ",".join(sorted(groups)),
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+        value = scores[params.selection_metric]
+        if is_better(params.selection_metric, value, best_value):
+            best_value = value
+            best_epoch = epoch
+            best_scores = dict(scores)
+            best_state = {key: tensor.detach().cpu().clone() for key, tensor in model.state_dict().items()}
+    if best_state is None:  # every epoch scored NaN: keep the last state rather than nothing
+        best_state = copy.deepcopy({key: tensor.detach().cpu() for key, tensor in model.state_dict().items()})
+        best_epoch = params.epochs - 1
+        best_scores = dict(scores)
+    # The model leaves the loop with every parameter trainable, as a user of the returned model expects.
+    apply_trainable_groups(model, set(ALL_GROUPS))
+    model.eval()
+    return TrainingResult(best_state, best_epoch, best_scores, history)

@@ -1,0 +1,305 @@
+"""The segmenter's training loop: DeepLabv3+ on pseudo-masks, with the negative-tile curriculum.
+
+Arrays in, a trained state dict and a history out; files are the stage's business. The loop is shaped
+for a later ``torch.distributed`` run: the epoch's tiles come from a pure function of ``(epoch, seed)``
+(:func:`weakseg.training.curriculum.epoch_indices`, shardable with ``shard_indices``), validation is
+reduced to pooled pixel counts and loss sums (summable across processes), and only the caller writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, get_worker_info
+from tqdm import tqdm
+
+from weakseg.errors import UserInputError
+from weakseg.losses.segmentation import SegmentationLoss
+from weakseg.metrics import PixelCounts
+from weakseg.models import build_segmenter
+from weakseg.params import SegmenterParams
+from weakseg.training.augment import build_augmentation
+from weakseg.training.common import seed_everything, worker_seed
+from weakseg.training.curriculum import epoch_indices, negative_probability
+from weakseg.training.datasets import TileDataset
+
+PREDICTION_THRESHOLD = 0.5
+
+
+@dataclass
+class SegmenterData:
+    """One split in memory: uint8 tiles ``(N, H, W, 3)``, boolean masks ``(N, H, W)``, tile labels ``(N,)``."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    positives: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.positives = np.asarray(self.positives, dtype=bool)
+        if not (len(self.images) == len(self.masks) == len(self.positives)):
+            raise ValueError(
+                f"images ({len(self.images)}), masks ({len(self.masks)}) and labels ({len(self.positives)}) "
+                f"must have one entry per tile"
+            )
+        if len(self.images) and self.images.shape[1:3] != self.masks.shape[1:3]:
+            raise ValueError(f"tiles are {self.images.shape[1:3]} but masks are {self.masks.shape[1:3]}")
+
+
+@dataclass
+class ValidationResult:
+    """Validation reduced to sums, so processes can add theirs before the ratios are taken."""
+
+    counts: PixelCounts
+    loss_sum: float
+    tiles: int
+
+    @property
+    def loss(self) -> float:
+        """Mean loss per validation tile (each batch weighted by its size)."""
+        return self.loss_sum / self.tiles if self.tiles else 0.0
+
+
+@dataclass
+class SegmenterTrainingResult:
+    """What a training run produces."""
+
+    best_state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early_at: int | None = None
+
+
+class SegmenterDivergedError(UserInputError):
+    """Raised when the training loss becomes NaN or infinite (usually a learning rate that is too high)."""
+
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def _autocast(device: torch.device, mixed_precision: bool) -> contextlib.AbstractContextManager[Any]:
+    if mixed_precision and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _seed_worker_augmentation(worker_id: int) -> None:
+    """Gives each loader worker its own augmentation stream, derived from the epoch's seed."""
+    info = get_worker_info()
+    if info is None:
+        return
+    dataset = info.dataset
+    dataset.set_augmentation_seed(worker_seed(dataset.epoch_seed, worker_id))  # type: ignore[attr-defined]
+
+
+class _EpochSeededDataset(TileDataset):
+    """A :class:`TileDataset` that remembers the epoch's augmentation seed for its loader workers."""
+
+    epoch_seed: int = 0
+
+    def start_epoch(self, seed: int) -> None:
+        """Re-seeds augmentation for one epoch (in this process and, via the seed, in workers)."""
+        self.epoch_seed = seed
+        self.set_augmentation_seed(seed)
+
+
+def training_batches(indices: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Splits an epoch's indices into batches, folding a trailing single tile into the previous batch.
+
+    A batch of one cannot train: DeepLabv3+'s image-pooling branch normalises a ``1 x 1`` map with
+    BatchNorm, which needs more than one value per channel.
+    """
+    batches = [indices[start : start + batch_size].tolist() for start in range(0, len(indices), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2].extend(batches.pop())
+    if batches and len(batches[-1]) == 1:
+        return []
+    return batches
+
+
+def _loader(dataset: TileDataset, batches: Sequence[Sequence[int]], num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        worker_init_fn=_seed_worker_augmentation if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_function: SegmentationLoss,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    grad_clip_norm: float,
+    mixed_precision: bool,
+    description: str = "training",
+) -> float:
+    """One pass over ``loader``; returns the tile-weighted mean training loss.
+
+    Raises:
+        SegmenterDivergedError: if a batch's loss is not finite.
+    """
+    model.train()
+    loss_sum, tiles = 0.0, 0
+    for images, labels, masks in tqdm(loader, desc=description, leave=False):
+        images, labels, masks = images.to(device), labels.to(device), masks.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, mixed_precision):
+            mask_logits, label_logits = model(images)
+        loss = loss_function(mask_logits, label_logits, masks, labels)
+        if not torch.isfinite(loss):
+            raise SegmenterDivergedError(
+                f"{description}: the segmenter's loss is {loss.item()}; lower segmenter.lr or set segmenter.grad_clip_norm"
+            )
+        loss.backward()
+        if grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(images)
+        tiles += len(images)
+    return loss_sum / tiles if tiles else 0.0
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_function: SegmentationLoss,
+    device: torch.device,
+    mixed_precision: bool,
+    threshold: float = PREDICTION_THRESHOLD,
+) -> ValidationResult:
+    """Pooled pixel counts at ``threshold`` (negatives included) and the summed loss over ``loader``."""
+    model.eval()
+    counts = PixelCounts()
+    loss_sum, tiles = 0.0, 0
+    for images, labels, masks in tqdm(loader, desc="validating", leave=False):
+        images, labels, masks = images.to(device), labels.to(device), masks.to(device)
+        with _autocast(device, mixed_precision):
+            mask_logits, label_logits = model(images)
+        loss_sum += float(loss_function(mask_logits, label_logits, masks, labels)) * len(images)
+        tiles += len(images)
+        predicted = (torch.sigmoid(mask_logits.float()) >= threshold).cpu().numpy()
+        counts.add(predicted, masks.cpu().numpy() > 0.5)
+    return ValidationResult(counts=counts, loss_sum=loss_sum, tiles=tiles)
+
+
+def train_segmenter(
+    train: SegmenterData,
+    validation: SegmenterData,
+    params: SegmenterParams,
+    seed: int,
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+) -> SegmenterTrainingResult:
+    """Trains DeepLabv3+ with the curriculum and keeps the epoch of best validation IoU.
+
+    Model selection: the foreground IoU at 0.5 pooled over every validation pixel (negative tiles
+    included); a later epoch replaces the best only if its IoU is strictly higher. Early stopping ends
+    the run after ``early_stopping_patience`` epochs without improvement, but never during the
+    positive-only epochs, whose models have not yet seen a negative tile.
+
+    Args:
+        train: the tiles to train on.
+        validation: the tiles to select the model on.
+        params: the ``segmenter`` section.
+        seed: the run's seed (weights, curriculum draw, augmentation).
+        device: where to train.
+        on_epoch: called with each history row as it is made (for live logging).
+
+    Returns:
+        The best weights (on the CPU), their epoch and metrics, the per-epoch history, and the epoch at
+        which early stopping ended the run, if it did.
+
+    Raises:
+        ValueError: if the training split has no positive tile or the validation split is empty.
+    """
+    if not train.positives.any():
+        raise ValueError("the training split has no positive tile; the segmenter has nothing to learn")
+    if len(validation.images) == 0:
+        raise ValueError("the validation split is empty")
+    seed_everything(seed)
+    model = build_segmenter(params.encoder, params.weights).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+    )
+    loss_function = SegmentationLoss(params.loss)
+    augmentation = build_augmentation(params.augment, seed)
+    train_dataset = _EpochSeededDataset(train.images, train.positives, train.masks, augmentation)
+    validation_dataset = TileDataset(validation.images, validation.positives, validation.masks, None)
+    validation_order = np.arange(len(validation_dataset))
+    validation_batches = [
+        validation_order[start : start + params.batch_size].tolist()
+        for start in range(0, len(validation_order), params.batch_size)
+    ]
+    validation_loader = _loader(validation_dataset, validation_batches, params.num_workers)
+
+    best_iou = -math.inf
+    best_epoch = 0
+    best_metrics: dict[str, float] = {}
+    best_state: dict[str, torch.Tensor] = {}
+    history: list[dict[str, Any]] = []
+    epochs_without_improvement = 0
+    stopped_early_at: int | None = None
+    for epoch in range(1, params.epochs + 1):
+        probability = negative_probability(epoch, params.epochs, params.curriculum)
+        indices = epoch_indices(train.positives, epoch, params.epochs, params.curriculum, seed)
+        train_dataset.start_epoch(worker_seed(seed, epoch))
+        loader = _loader(train_dataset, training_batches(indices, params.batch_size), params.num_workers)
+        train_loss = train_one_epoch(
+            model,
+            loader,
+            loss_function,
+            optimizer,
+            device,
+            params.grad_clip_norm,
+            params.mixed_precision,
+            description=f"epoch {epoch}/{params.epochs}",
+        )
+        result = validate(model, validation_loader, loss_function, device, params.mixed_precision)
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": result.loss,
+            "val_iou": result.counts.iou,
+            "val_dice": result.counts.dice,
+            "negative_probability": probability,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        if result.counts.iou > best_iou:
+            best_iou, best_epoch = result.counts.iou, epoch
+            best_metrics = {
+                "val_iou": result.counts.iou,
+                "val_dice": result.counts.dice,
+                "val_miou": result.counts.miou,
+                "val_loss": result.loss,
+            }
+            best_state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+            epochs_without_improvement = 0
+        else:
+            epochs_without_improvement += 1
+        past_warm_up = epoch > params.curriculum.positive_only_epochs
+        if past_warm_up and epochs_without_improvement >= params.early_stopping_patience and epoch < params.epochs:
+            stopped_early_at = epoch
+            break
+    return SegmenterTrainingResult(
+        best_state_dict=best_state,
+        best_epoch=best_epoch,
+        best_metrics=best_metrics,
+        history=history,
+        stopped_early_at=stopped_early_at,
+    )
+
