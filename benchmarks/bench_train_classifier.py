@@ -55,7 +55,8 @@ def run(
 
     Returns:
         Medians: ``loop_images_per_second``, ``bare_images_per_second``, their ``ratio``, and
-        ``loader_images_per_second`` (the data path alone), with the settings.
+        ``loader_images_per_second`` (the data path alone), with the settings. The ratio is the median of
+        per-repeat ratios, each from adjacent measurements.
     """
     seed_everything(0)
     configure_determinism()
@@ -74,27 +75,10 @@ def run(
     images_per_epoch = steps * batch_size if loop.train_drops_last(tiles, batch_size) else tiles
     model.train()
 
-    loop_rates: list[float] = []
-    loader_rates: list[float] = []
-    for epoch in range(repeats + 1):
-        loader = loop.build_train_loader(dataset, batch_size, 0, epoch, num_workers, target.type == "cuda")
-        _synchronize(target)
-        started = time.perf_counter()
-        loop.train_one_epoch(model, loader, loss_function, optimizer, None, target, mixed_precision, "benchmark")
-        _synchronize(target)
-        elapsed = time.perf_counter() - started
-        started = time.perf_counter()
-        for batch_images, _ in loop.build_train_loader(dataset, batch_size, 0, epoch, num_workers, False):
-            pass
-        loader_elapsed = time.perf_counter() - started
-        if epoch > 0:  # the first epoch warms up allocators and kernels
-            loop_rates.append(images_per_epoch / elapsed)
-            loader_rates.append(images_per_epoch / loader_elapsed)
-
     batch = torch.randn(batch_size, 3, tile_size, tile_size, device=target)
     targets = torch.from_numpy(labels[:batch_size].astype(np.float32)).to(target)
-    bare_rates: list[float] = []
-    for repeat in range(repeats + 1):
+
+    def bare_rate() -> float:
         _synchronize(target)
         started = time.perf_counter()
         for _ in range(steps):
@@ -105,11 +89,35 @@ def run(
             loss.backward()
             optimizer.step()
         _synchronize(target)
-        if repeat > 0:
-            bare_rates.append(steps * batch_size / (time.perf_counter() - started))
+        return steps * batch_size / (time.perf_counter() - started)
 
-    loop_rate = statistics.median(loop_rates)
-    bare_rate = statistics.median(bare_rates)
+    def loop_rate(epoch: int) -> float:
+        loader = loop.build_train_loader(dataset, batch_size, 0, epoch, num_workers, target.type == "cuda")
+        _synchronize(target)
+        started = time.perf_counter()
+        loop.train_one_epoch(model, loader, loss_function, optimizer, None, target, mixed_precision, "benchmark")
+        _synchronize(target)
+        return images_per_epoch / (time.perf_counter() - started)
+
+    def loader_rate(epoch: int) -> float:
+        started = time.perf_counter()
+        for _ in loop.build_train_loader(dataset, batch_size, 0, epoch, num_workers, False):
+            pass
+        return images_per_epoch / (time.perf_counter() - started)
+
+    # The measures alternate within each repeat, so a change in machine load hits both sides of the ratio.
+    loop_rates: list[float] = []
+    bare_rates: list[float] = []
+    loader_rates: list[float] = []
+    ratios: list[float] = []
+    for epoch in range(repeats + 1):
+        looped, bare, loaded = loop_rate(epoch), bare_rate(), loader_rate(epoch)
+        if epoch > 0:  # the first repeat warms up allocators and kernels
+            loop_rates.append(looped)
+            bare_rates.append(bare)
+            loader_rates.append(loaded)
+            ratios.append(looped / bare)
+
     return {
         "arch": arch,
         "device": str(target),
@@ -118,9 +126,9 @@ def run(
         "images_per_epoch": images_per_epoch,
         "threads": torch.get_num_threads(),
         "num_workers": num_workers,
-        "loop_images_per_second": loop_rate,
-        "bare_images_per_second": bare_rate,
-        "ratio": loop_rate / bare_rate,
+        "loop_images_per_second": statistics.median(loop_rates),
+        "bare_images_per_second": statistics.median(bare_rates),
+        "ratio": statistics.median(ratios),
         "loader_images_per_second": statistics.median(loader_rates),
     }
 

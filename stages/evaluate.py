@@ -55,6 +55,7 @@ class TestTile:
     prediction: np.ndarray
     pseudo: np.ndarray
     cam_mask: np.ndarray
+    tissue: np.ndarray
     truth: np.ndarray | None
     classifier_probability: float
     head_probability: float
@@ -126,6 +127,7 @@ def _score_tiles(params: StageParams, tiles: list[Tile], shown: set[str]) -> tup
             prediction=predicted,
             pseudo=pseudo,
             cam_mask=cam_mask,
+            tissue=tissue,
             truth=truth,
             classifier_probability=prediction.tile_probabilities["classifier"],
             head_probability=prediction.tile_probabilities["head"],
@@ -159,8 +161,17 @@ def compute_metrics(scored: Sequence[TestTile], threshold: float, min_foreground
         },
         "settings": {"threshold": threshold, "min_foreground_pixels": min_foreground_pixels},
     }
+    # A trivial reference point: the whole tissue of every tile the classifier calls positive.
+    baseline = [
+        record.tissue if record.classifier_probability >= threshold else np.zeros_like(record.tissue)
+        for record in scored
+    ]
+    result["baseline"] = {
+        "tissue_if_classified_positive": {"vs_pseudo": metrics.segmentation_scores(baseline, [r.pseudo for r in scored], labels)}
+    }
     if has_truth:
         truths = [record.truth for record in scored]
+        result["baseline"]["tissue_if_classified_positive"]["vs_truth"] = metrics.segmentation_scores(baseline, truths, labels)
         result["segmenter"]["vs_truth"] = metrics.segmentation_scores(predictions, truths, labels)
         for key, masks in (("cam", [r.cam_mask for r in scored]), ("pseudo", [r.pseudo for r in scored])):
             scores = metrics.segmentation_scores(masks, truths, labels)

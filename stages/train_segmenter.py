@@ -68,7 +68,9 @@ def run(params: StageParams) -> None:
             partition(tiles, "train"), params.split.validation_fraction, params.split.seed
         )
     except ValueError as error:
-        raise SegmenterInputError(f"{NORMALIZED / 'annotations.csv'}: {error} (see split.validation_fraction)") from None
+        raise SegmenterInputError(
+            f"{NORMALIZED / 'annotations.csv'}: {error} (see split.validation_fraction)"
+        ) from None
     if not any(tile.positive for tile in train_tiles):
         raise SegmenterInputError(
             f"{NORMALIZED / 'annotations.csv'}: no {positive_label!r} tile in the training split; "

@@ -232,6 +232,7 @@ def _record(positive: bool, area: int, head: float, classifier: float) -> evalua
         prediction=prediction,
         pseudo=prediction.copy(),
         cam_mask=prediction.copy(),
+        tissue=np.ones((10, 10), dtype=bool),
         truth=None,
         classifier_probability=classifier,
         head_probability=head,
@@ -251,6 +252,10 @@ def test_tile_decisions_from_area_and_head_have_known_answers() -> None:
     assert (classifier["sensitivity"], classifier["specificity"], classifier["auc"]) == (1.0, 0.5, 1.0)
     # A prediction equal to its pseudo-mask everywhere scores 1.0 (the empty negatives included).
     assert result["segmenter"]["vs_pseudo"]["iou"] == 1.0
+    # The trivial baseline paints all tissue (100 px) on the classifier's positives, the first three tiles:
+    # it covers their 30 + 5 + 0 pseudo-mask pixels and misses the fourth tile's 11, so IoU = 35 / (300 + 11).
+    baseline = result["baseline"]["tissue_if_classified_positive"]["vs_pseudo"]
+    assert baseline["iou"] == pytest.approx(35 / 311)
 
 
 def test_figure_selection_is_seeded_and_balanced() -> None:

@@ -164,6 +164,9 @@ class ClassifierParams(_Strict):
     weights: str = Field("none", description="'imagenet', 'none', or the path of a local weights file.")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="The paper's SGD; AdamW learns faster from scratch (the CPU demo)."
+    )
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
@@ -257,8 +260,13 @@ class SegmenterParams(_Strict):
     """Stage 4: DeepLabv3+ trained on the pseudo-masks."""
 
     encoder: ResNetName = "resnet18"
-    weights: str = Field("none", description="'imagenet', 'none', or the path of a local weights file.")
+    weights: str = Field(
+        "none",
+        description="'imagenet', 'none', or the path of a local weights file (models/classifier.pt reuses "
+        "the trained classifier's backbone as the encoder).",
+    )
     epochs: int = Field(35, ge=1)
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="The paper's SGD, or AdamW.")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)

@@ -31,6 +31,7 @@ from weakseg.errors import UserInputError
 from weakseg.losses.focal_tversky import FocalTverskyLoss
 from weakseg.metrics import classification_scores
 from weakseg.params import ClassifierParams, UnfreezeParams
+from weakseg.training.common import build_optimizer as build_common_optimizer
 from weakseg.training.common import worker_seed
 from weakseg.training.datasets import TileDataset
 
@@ -161,15 +162,9 @@ def build_loss(params: ClassifierParams) -> ClassificationLoss:
     )
 
 
-def build_optimizer(model: nn.Module, params: ClassifierParams) -> torch.optim.SGD:
-    """SGD over every parameter.
-
-    Frozen parameters are included: their gradient stays ``None``, which SGD skips (no step, no weight
-    decay), and they start training with fresh momentum when the schedule unfreezes them.
-    """
-    return torch.optim.SGD(
-        model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
-    )
+def build_optimizer(model: nn.Module, params: ClassifierParams) -> torch.optim.Optimizer:
+    """The classifier's optimizer (``classifier.optimizer``: the paper's SGD, or AdamW)."""
+    return build_common_optimizer(model, params.optimizer, params.lr, params.momentum, params.weight_decay)
 
 
 def build_scheduler(

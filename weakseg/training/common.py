@@ -76,3 +76,18 @@ def write_history(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 def worker_seed(base_seed: int, worker_id: int) -> int:
     """The seed of one data-loader worker, derived from the epoch's base seed."""
     return (base_seed * 1_000_003 + worker_id) % (2**32)
+
+
+def build_optimizer(
+    model: torch.nn.Module, name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """SGD (the paper's) or AdamW over every parameter of ``model``.
+
+    Frozen parameters are included: their gradient stays ``None``, which both optimizers skip (no step,
+    no weight decay), and they start training with fresh moments when unfrozen.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}, expected 'sgd' or 'adamw'")

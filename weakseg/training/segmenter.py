@@ -26,7 +26,7 @@ from weakseg.metrics import PixelCounts
 from weakseg.models import build_segmenter
 from weakseg.params import SegmenterParams
 from weakseg.training.augment import build_augmentation
-from weakseg.training.common import seed_everything, worker_seed
+from weakseg.training.common import build_optimizer, seed_everything, worker_seed
 from weakseg.training.curriculum import epoch_indices, negative_probability
 from weakseg.training.datasets import TileDataset
 
@@ -124,7 +124,8 @@ def training_batches(indices: np.ndarray, batch_size: int) -> list[list[int]]:
     return batches
 
 
-def _loader(dataset: TileDataset, batches: Sequence[Sequence[int]], num_workers: int) -> DataLoader:
+def batch_loader(dataset: TileDataset, batches: Sequence[Sequence[int]], num_workers: int) -> DataLoader:
+    """A loader that yields exactly ``batches`` (lists of dataset indices), in order."""
     return DataLoader(
         dataset,
         batch_sampler=batches,
@@ -159,7 +160,8 @@ def train_one_epoch(
         loss = loss_function(mask_logits, label_logits, masks, labels)
         if not torch.isfinite(loss):
             raise SegmenterDivergedError(
-                f"{description}: the segmenter's loss is {loss.item()}; lower segmenter.lr or set segmenter.grad_clip_norm"
+                f"{description}: the segmenter's loss is {loss.item()}; "
+                f"lower segmenter.lr or set segmenter.grad_clip_norm"
             )
         loss.backward()
         if grad_clip_norm > 0:
@@ -230,9 +232,7 @@ def train_segmenter(
         raise ValueError("the validation split is empty")
     seed_everything(seed)
     model = build_segmenter(params.encoder, params.weights).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
-    )
+    optimizer = build_optimizer(model, params.optimizer, params.lr, params.momentum, params.weight_decay)
     loss_function = SegmentationLoss(params.loss)
     augmentation = build_augmentation(params.augment, seed)
     train_dataset = _EpochSeededDataset(train.images, train.positives, train.masks, augmentation)
@@ -242,7 +242,7 @@ def train_segmenter(
         validation_order[start : start + params.batch_size].tolist()
         for start in range(0, len(validation_order), params.batch_size)
     ]
-    validation_loader = _loader(validation_dataset, validation_batches, params.num_workers)
+    validation_loader = batch_loader(validation_dataset, validation_batches, params.num_workers)
 
     best_iou = -math.inf
     best_epoch = 0
@@ -255,7 +255,7 @@ def train_segmenter(
         probability = negative_probability(epoch, params.epochs, params.curriculum)
         indices = epoch_indices(train.positives, epoch, params.epochs, params.curriculum, seed)
         train_dataset.start_epoch(worker_seed(seed, epoch))
-        loader = _loader(train_dataset, training_batches(indices, params.batch_size), params.num_workers)
+        loader = batch_loader(train_dataset, training_batches(indices, params.batch_size), params.num_workers)
         train_loss = train_one_epoch(
             model,
             loader,
