@@ -4,11 +4,20 @@ Reads ``data/normalized/images`` and ``data/normalized/annotations.csv`` (only t
 ever decoded), carves a stratified validation split from them, trains, and writes
 ``models/classifier.pt`` (the best epoch by ``classifier.selection_metric``), ``metrics/classifier.json``,
 ``metrics/classifier_history.csv`` and one MLflow run.
+
+With ``classifier.distributed.processes_per_node > 1`` the stage re-launches itself under PyTorch's
+elastic launcher; under ``torchrun`` (that re-launch, or a user's multi-node command) every process trains
+its share of each global batch with ``DistributedDataParallel`` and only rank 0 writes files and the
+MLflow run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +33,16 @@ from weakseg.training.common import (
     configure_determinism,
     preprocessing_record,
     seed_everything,
-    select_device,
     write_history,
 )
 from weakseg.training.datasets import TileDataset, load_tiles
+from weakseg.training.distributed import (
+    DistributedContext,
+    init_distributed,
+    launched_by_torchrun,
+    leaving_process_group,
+    relaunch_or_fail,
+)
 
 STAGE = "train_classifier"
 DATA = Path("data/normalized")
@@ -37,8 +52,36 @@ HISTORY = Path("metrics/classifier_history.csv")
 LOGGER = logging.getLogger(STAGE)
 
 
-def run(params: StageParams) -> None:
-    """Trains the classifier and writes its checkpoint, metrics, history and MLflow run."""
+def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
+    """Trains the classifier and writes its checkpoint, metrics, history and MLflow run.
+
+    Args:
+        params: the stage's validated parameters.
+        stage_arguments: the command-line arguments, passed on when the stage re-launches itself in
+            ``classifier.distributed.processes_per_node`` processes.
+    """
+    distributed = params.classifier.distributed
+    if distributed.processes_per_node > 1 and not launched_by_torchrun():
+        relaunch_or_fail(
+            f"stages.{STAGE}",
+            distributed.processes_per_node,
+            stage_arguments,
+            batch_size=("classifier.batch_size", params.classifier.batch_size),
+        )
+        return
+    try:
+        context = init_distributed(distributed.backend, params.classifier.device)
+    except RuntimeError as error:
+        raise ParamsError(f"classifier.device: {error}") from None
+    if not context.is_main:
+        # One process reports progress; the others would repeat every line.
+        logging.getLogger().setLevel(logging.WARNING)
+    with leaving_process_group(context):
+        _train(params, context)
+
+
+def _train(params: StageParams, context: DistributedContext) -> None:
+    """The stage's work in one process of the run (the only one, or one rank of several)."""
     settings = params.classifier
     positive_label = params.data.positive_label
     seed_everything(params.seed)
@@ -56,10 +99,7 @@ def run(params: StageParams) -> None:
         raise ParamsError(f"split.validation_fraction={params.split.validation_fraction}: {error}") from None
     negative_labels = sorted({tile.label for tile in tiles if not tile.positive})
 
-    try:
-        device = select_device(settings.device)
-    except RuntimeError as error:
-        raise ParamsError(f"classifier.device: {error}") from None
+    device = context.device
     # The model is built before any tile is decoded, so a weights problem is reported at once.
     model = build_classifier(settings.arch, settings.weights)
     if settings.unfreeze.enabled and settings.weights == "none":
@@ -92,14 +132,25 @@ def run(params: StageParams) -> None:
         device,
     )
 
-    with stage_run(STAGE, params.to_flat_dict()) as tracker:
+    # Only rank 0 opens the MLflow run and writes files; the other ranks train and reduce with it.
+    tracking = stage_run(STAGE, params.to_flat_dict()) if context.is_main else contextlib.nullcontext(None)
+    with tracking as tracker:
 
         def log_epoch(row: dict[str, Any]) -> None:
             tracker.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
 
         result = train_classifier(
-            model, train_dataset, validation_dataset, settings, params.seed, device, on_epoch_end=log_epoch
+            model,
+            train_dataset,
+            validation_dataset,
+            settings,
+            params.seed,
+            device,
+            on_epoch_end=log_epoch if tracker is not None else None,
+            context=context,
         )
+        if tracker is None:
+            return
         scores = result.best_scores
         metrics = {
             "best_epoch": result.best_epoch,
@@ -146,5 +197,11 @@ def run(params: StageParams) -> None:
     )
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the stage with ``argv`` (``sys.argv[1:]`` by default), which a re-launch passes on."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    return run_stage(STAGE, functools.partial(run, stage_arguments=arguments), argv=arguments)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, run))
+    raise SystemExit(main())

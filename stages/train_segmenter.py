@@ -3,11 +3,20 @@
 Reads ``data/normalized/images``, ``data/normalized/annotations.csv`` and ``data/pseudo_masks`` (train
 partition only; test tiles are never decoded). Writes ``models/segmenter.pt``, ``metrics/segmenter.json``,
 ``metrics/segmenter_history.csv`` and an MLflow run.
+
+With ``segmenter.distributed.processes_per_node > 1`` the stage re-launches itself under PyTorch's
+elastic launcher; under ``torchrun`` (that re-launch, or a user's multi-node command) every process trains
+its share of each global batch with ``DistributedDataParallel`` and only rank 0 writes files and the
+MLflow run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +26,22 @@ from weakseg.data.layout import partition, read_annotations, split_train_validat
 from weakseg.errors import UserInputError
 from weakseg.io import write_json
 from weakseg.models import build_segmenter, save_checkpoint
-from weakseg.params import StageParams
+from weakseg.params import ParamsError, StageParams
 from weakseg.stage import run_stage
 from weakseg.tracking import stage_run
 from weakseg.training.common import (
     configure_determinism,
     preprocessing_record,
-    select_device,
     write_history,
 )
 from weakseg.training.datasets import load_masks, load_tiles
+from weakseg.training.distributed import (
+    DistributedContext,
+    init_distributed,
+    launched_by_torchrun,
+    leaving_process_group,
+    relaunch_or_fail,
+)
 from weakseg.training.segmenter import SegmenterData, train_segmenter
 
 STAGE = "train_segmenter"
@@ -55,12 +70,40 @@ def _load_split(tiles: list[Any], description: str) -> SegmenterData:
     return SegmenterData(images=images, masks=masks, positives=np.array([tile.positive for tile in tiles]))
 
 
-def run(params: StageParams) -> None:
-    """Trains the segmenter and writes its checkpoint, metrics and history."""
+def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
+    """Trains the segmenter and writes its checkpoint, metrics and history.
+
+    Args:
+        params: the stage's validated parameters.
+        stage_arguments: the command-line arguments, passed on when the stage re-launches itself in
+            ``segmenter.distributed.processes_per_node`` processes.
+    """
+    distributed = params.segmenter.distributed
+    if distributed.processes_per_node > 1 and not launched_by_torchrun():
+        relaunch_or_fail(
+            f"stages.{STAGE}",
+            distributed.processes_per_node,
+            stage_arguments,
+            batch_size=("segmenter.batch_size", params.segmenter.batch_size),
+        )
+        return
+    try:
+        context = init_distributed(distributed.backend, params.segmenter.device)
+    except RuntimeError as error:
+        raise ParamsError(f"segmenter.device: {error}") from None
+    if not context.is_main:
+        # One process reports progress; the others would repeat every line.
+        logging.getLogger().setLevel(logging.WARNING)
+    with leaving_process_group(context):
+        _train(params, context)
+
+
+def _train(params: StageParams, context: DistributedContext) -> None:
+    """The stage's work in one process of the run (the only one, or one rank of several)."""
     segmenter = params.segmenter
     positive_label = params.data.positive_label
     configure_determinism()
-    device = select_device(segmenter.device)
+    device = context.device
 
     tiles = read_annotations(NORMALIZED / "annotations.csv", positive_label)
     try:
@@ -90,17 +133,24 @@ def run(params: StageParams) -> None:
         len(train_tiles), int(train.positives.sum()), len(validation_tiles), tile_size, device,
     )
 
-    with stage_run(STAGE, params.to_flat_dict()) as tracking:
+    # Only rank 0 opens the MLflow run and writes files; the other ranks train and reduce with it.
+    tracked = stage_run(STAGE, params.to_flat_dict()) if context.is_main else contextlib.nullcontext(None)
+    with tracked as tracking:
         result = train_segmenter(
             train,
             validation,
             segmenter,
             params.seed,
             device,
-            on_epoch=lambda row: tracking.log_metrics(
+            on_epoch=None
+            if tracking is None
+            else lambda row: tracking.log_metrics(
                 {key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"])
             ),
+            context=context,
         )
+        if tracking is None:
+            return
         metrics: dict[str, Any] = {
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
@@ -136,5 +186,11 @@ def run(params: StageParams) -> None:
     )
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the stage with ``argv`` (``sys.argv[1:]`` by default), which a re-launch passes on."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    return run_stage(STAGE, functools.partial(run, stage_arguments=arguments), argv=arguments)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_stage(STAGE, run))
+    raise SystemExit(main())

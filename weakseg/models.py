@@ -117,7 +117,8 @@ class Segmenter(nn.Module):
         state = resolve_backbone_weights(weights, encoder)
         if state is not None:
             backbone = {key: value for key, value in state.items() if not key.startswith("fc.")}
-            missing, unexpected = self.network.encoder.load_state_dict(backbone, strict=False)
+            # smp's encoder overrides load_state_dict without returning the key report; ask nn.Module's.
+            missing, unexpected = nn.Module.load_state_dict(self.network.encoder, backbone, strict=False)
             if missing or unexpected:
                 raise WeightsError(
                     f"weights {weights!r} do not fit encoder {encoder}: missing {missing[:5]}, unexpected {unexpected[:5]}"

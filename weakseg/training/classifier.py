@@ -1,10 +1,10 @@
 """The tile classifier's training loop: loss, progressive unfreezing, optimizer, schedule, selection.
 
-The loop is written so that it can later run under ``torch.distributed``: the sampler and loader are
-built in one function (:func:`build_train_loader`, one call per epoch, as ``DistributedSampler.set_epoch``
-would need), validation metrics are computed from the predictions of the whole validation split
-(:func:`predict_logits` returns them, so a distributed version gathers them first), and nothing here
-writes a file: the stage does every write, from the main process.
+The loop runs in one process or under ``torch.distributed`` (a :class:`DistributedContext` with more than
+one process): the model is wrapped in ``DistributedDataParallel``, each epoch's order is the one-process
+order split over the ranks (:class:`SameOrderDistributedSampler`, so every global batch is the one-process
+batch), validation logits are gathered from all ranks before the metrics are taken (every rank selects the
+same best epoch), and nothing here writes a file: the stage does every write, from rank 0.
 
 Epochs are counted from 0. Epoch ``e`` trains the parameter groups :func:`trainable_groups` returns for
 ``e``, with augmentation seeded by ``seed + e`` and data order drawn from a generator seeded by
@@ -34,6 +34,18 @@ from weakseg.params import ClassifierParams, UnfreezeParams
 from weakseg.training.common import build_optimizer as build_common_optimizer
 from weakseg.training.common import worker_seed
 from weakseg.training.datasets import TileDataset
+from weakseg.training.distributed import (
+    DistributedContext,
+    SameOrderDistributedSampler,
+    average_buffers,
+    gather_batch,
+    gather_objects,
+    per_process_batch_size,
+    prepare_model,
+    shard,
+    unshard,
+    wrap_model,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -215,14 +227,19 @@ def build_train_loader(
     epoch: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    context: DistributedContext | None = None,
 ) -> DataLoader:
-    """The shuffled, augmented loader of one training epoch.
+    """The shuffled, augmented loader of one training epoch (of this rank, when distributed).
 
     The augmentation is re-seeded with ``seed + epoch`` and the order comes from a generator seeded with
-    ``seed + epoch``; workers derive their own seeds from it. (Under DDP this is where a
-    ``DistributedSampler`` with ``set_epoch(epoch)`` would go.)
+    ``seed + epoch``; workers derive their own seeds from it. Under a distributed ``context``,
+    ``batch_size`` is still the global batch: a :class:`SameOrderDistributedSampler` gives this rank its
+    strided share of the one-process order, in batches of ``batch_size / world_size``, and each rank
+    augments with its own stream (derived from the epoch's seed and the rank).
     """
     epoch_seed = seed + epoch
+    if context is not None and context.enabled:
+        return _distributed_train_loader(dataset, batch_size, seed, epoch, num_workers, pin_memory, context)
     dataset.set_augmentation_seed(epoch_seed)
     generator = torch.Generator()
     generator.manual_seed(epoch_seed)
@@ -235,6 +252,36 @@ def build_train_loader(
         pin_memory=pin_memory,
         generator=generator,
         worker_init_fn=functools.partial(_seed_worker, base_seed=epoch_seed) if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def _distributed_train_loader(
+    dataset: TileDataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int,
+    pin_memory: bool,
+    context: DistributedContext,
+) -> DataLoader:
+    """This rank's loader of one epoch: see :func:`build_train_loader`."""
+    # Ranks must not share one augmentation stream, or tiles at the same place of each rank's batch would
+    # be flipped and jittered alike.
+    rank_seed = worker_seed(seed + epoch, 1_000 + context.rank)
+    dataset.set_augmentation_seed(rank_seed)
+    sampler = SameOrderDistributedSampler(
+        len(dataset), batch_size, train_drops_last(len(dataset), batch_size), context, seed
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=per_process_batch_size(batch_size, context.world_size, "classifier.batch_size"),
+        sampler=sampler,
+        drop_last=False,  # the sampler already cut the order to whole global batches
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=functools.partial(_seed_worker, base_seed=rank_seed) if num_workers > 0 else None,
         persistent_workers=False,
     )
 
@@ -264,10 +311,14 @@ def train_one_epoch(
     device: torch.device,
     mixed_precision: bool = False,
     description: str = "training",
+    context: DistributedContext | None = None,
 ) -> tuple[float, float]:
     """One pass over ``loader`` with one optimizer (and scheduler) step per batch.
 
-    The caller sets the training mode and the trainable groups first.
+    The caller sets the training mode and the trainable groups first. Under a distributed ``context``
+    every rank computes the loss of the global batch (:func:`gather_batch`): the Focal Tversky term is
+    a set-level loss, so per-rank losses would differ from one process's; and every rank then sees the
+    same loss, so all stop together if it diverges.
 
     Returns:
         ``(mean loss per tile, learning rate of the last step)``.
@@ -279,13 +330,19 @@ def train_one_epoch(
     total_tiles = 0
     last_lr = optimizer.param_groups[0]["lr"]
     non_blocking = device.type == "cuda"
-    progress = tqdm(loader, desc=description, leave=False, unit="batch")
+    distributed = context if context is not None and context.enabled else None
+    # One progress bar per run, not one per process.
+    quiet = distributed is not None and not distributed.is_main
+    progress = tqdm(loader, desc=description, leave=False, unit="batch", disable=quiet)
     for images, labels in progress:
         images = images.to(device, non_blocking=non_blocking)
         labels = labels.to(device, non_blocking=non_blocking)
         with _autocast(device, mixed_precision):
             logits = model(images)
-        loss = loss_function(logits.float().reshape(-1), labels)
+        logits = logits.float().reshape(-1)
+        if distributed is not None:
+            logits, labels = gather_batch(logits, distributed), gather_batch(labels.float(), distributed)
+        loss = loss_function(logits, labels)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"the classifier's training loss became {loss.item()} at learning rate "
@@ -325,6 +382,30 @@ def predict_logits(
     if not all_logits:
         return torch.zeros(0), torch.zeros(0)
     return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def distributed_predict_logits(
+    model: nn.Module,
+    dataset: TileDataset,
+    batch_size: int,
+    context: DistributedContext,
+    num_workers: int = 0,
+    mixed_precision: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`predict_logits` of the whole ``dataset``, each rank scoring its strided share.
+
+    Every rank gets every logit, in dataset order, so metrics and decisions are the same on all ranks.
+    ``model`` is the bare model, not its DDP wrapper (ranks run different numbers of batches here).
+    """
+    indices = shard(range(len(dataset)), context)
+    share = torch.utils.data.Subset(dataset, indices)
+    local_batch = max(1, batch_size // context.world_size)
+    loader = build_eval_loader(share, local_batch, num_workers, context.device.type == "cuda")  # type: ignore[arg-type]
+    logits, labels = predict_logits(model, loader, context.device, mixed_precision)
+    gathered = gather_objects((logits.tolist(), labels.tolist()), context)
+    all_logits = unshard([part[0] for part in gathered], len(dataset))
+    all_labels = unshard([part[1] for part in gathered], len(dataset))
+    return torch.tensor(all_logits, dtype=torch.float32), torch.tensor(all_labels, dtype=torch.float32)
 
 
 def validation_scores(logits: torch.Tensor, labels: torch.Tensor, loss_function: nn.Module) -> dict[str, float]:
@@ -375,8 +456,12 @@ def train_classifier(
     seed: int,
     device: torch.device,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    context: DistributedContext | None = None,
 ) -> TrainingResult:
     """Trains ``model`` and returns its best state by ``params.selection_metric`` on validation.
+
+    Under a distributed ``context`` (more than one process) every rank calls this with the same data and
+    parameters; ``params.batch_size`` stays the global batch, and every rank returns the same result.
 
     Args:
         model: a ResNet classifier with a one-logit head (``models.build_classifier``).
@@ -386,16 +471,24 @@ def train_classifier(
         seed: the run's seed (data order and augmentation of epoch ``e`` use ``seed + e``).
         device: where to train.
         on_epoch_end: called with each history row (see :data:`HISTORY_COLUMNS`), e.g. to log it.
+        context: the process group position; ``None`` or one process trains here alone.
 
     Returns:
         The best state dict (on the CPU), its epoch and validation scores, and the history rows.
     """
+    distributed = context if context is not None and context.enabled else None
+    if distributed is not None:
+        per_process_batch_size(params.batch_size, distributed.world_size, "classifier.batch_size")
+        model = prepare_model(model, distributed)
     model.to(device)
     loss_function = build_loss(params)
     optimizer = build_optimizer(model, params)
+    # Global steps: a distributed epoch has as many steps as a one-process epoch (global batches).
     scheduler = build_scheduler(optimizer, params, steps_per_epoch(len(train_dataset), params.batch_size))
     pin_memory = device.type == "cuda"
     validation_loader = build_eval_loader(validation_dataset, params.batch_size, params.num_workers, pin_memory)
+    trained_model: nn.Module = model
+    wrapped_groups: set[str] | None = None
     history: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
     best_value: float | None = None
@@ -405,9 +498,14 @@ def train_classifier(
         groups = trainable_groups(epoch, params.unfreeze)
         apply_trainable_groups(model, groups)
         set_training_mode(model, groups)
-        loader = build_train_loader(train_dataset, params.batch_size, seed, epoch, params.num_workers, pin_memory)
+        if distributed is not None and groups != wrapped_groups:
+            # DDP synchronises the parameters that train when it is built: unfreezing needs a new wrapper.
+            trained_model, wrapped_groups = wrap_model(model, distributed), set(groups)
+        loader = build_train_loader(
+            train_dataset, params.batch_size, seed, epoch, params.num_workers, pin_memory, distributed
+        )
         train_loss, lr = train_one_epoch(
-            model,
+            trained_model,
             loader,
             loss_function,
             optimizer,
@@ -415,8 +513,15 @@ def train_classifier(
             device,
             params.mixed_precision,
             description=f"epoch {epoch + 1}/{params.epochs}",
+            context=distributed,
         )
-        logits, labels = predict_logits(model, validation_loader, device, params.mixed_precision)
+        if distributed is None:
+            logits, labels = predict_logits(model, validation_loader, device, params.mixed_precision)
+        else:
+            average_buffers(model, distributed)
+            logits, labels = distributed_predict_logits(
+                model, validation_dataset, params.batch_size, distributed, params.num_workers, params.mixed_precision
+            )
         scores = validation_scores(logits, labels, loss_function)
         row = {
             "epoch": epoch,

@@ -1,9 +1,11 @@
 """The segmenter's training loop: DeepLabv3+ on pseudo-masks, with the negative-tile curriculum.
 
-Arrays in, a trained state dict and a history out; files are the stage's business. The loop is shaped
-for a later ``torch.distributed`` run: the epoch's tiles come from a pure function of ``(epoch, seed)``
-(:func:`weakseg.training.curriculum.epoch_indices`, shardable with ``shard_indices``), validation is
-reduced to pooled pixel counts and loss sums (summable across processes), and only the caller writes.
+Arrays in, a trained state dict and a history out; files are the stage's business. The loop runs in one
+process or under ``torch.distributed`` (``DistributedDataParallel``): the epoch's tiles come from a pure
+function of ``(epoch, seed)`` (:func:`weakseg.training.curriculum.epoch_indices`), cut into the
+one-process run's global batches and each batch split over the ranks (``shard_indices``); validation is
+reduced to pooled pixel counts and loss sums, summed over the ranks, so every rank takes the same
+best-epoch and early-stopping decisions; only the caller writes, from rank 0.
 """
 
 from __future__ import annotations
@@ -27,8 +29,17 @@ from weakseg.models import build_segmenter
 from weakseg.params import SegmenterParams
 from weakseg.training.augment import build_augmentation
 from weakseg.training.common import build_optimizer, seed_everything, worker_seed
-from weakseg.training.curriculum import epoch_indices, negative_probability
+from weakseg.training.curriculum import epoch_indices, negative_probability, shard_indices
 from weakseg.training.datasets import TileDataset
+from weakseg.training.distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    average_buffers,
+    gather_batch,
+    per_process_batch_size,
+    prepare_model,
+    wrap_model,
+)
 
 PREDICTION_THRESHOLD = 0.5
 
@@ -124,6 +135,29 @@ def training_batches(indices: np.ndarray, batch_size: int) -> list[list[int]]:
     return batches
 
 
+def distributed_training_batches(
+    indices: np.ndarray, batch_size: int, rank: int, world_size: int
+) -> list[list[int]]:
+    """This rank's batches of an epoch: each one-process batch (:func:`training_batches`) split by rank.
+
+    Every rank gets the same number of batches, and step ``s`` of all ranks together is the one-process
+    batch ``s``, except that a last batch too small to give each rank a tile is folded into the batch
+    before it (a rank without a tile could not take part in the step).
+
+    Args:
+        indices: the epoch's tiles in order (:func:`weakseg.training.curriculum.epoch_indices`).
+        batch_size: the global batch.
+        rank: this process, ``0 .. world_size - 1``.
+        world_size: the number of processes.
+    """
+    batches = training_batches(indices, batch_size)
+    while len(batches) > 1 and len(batches[-1]) < world_size:
+        batches[-2].extend(batches.pop())
+    if batches and len(batches[-1]) < world_size:
+        return []  # too few tiles this epoch to give every rank one
+    return [shard_indices(np.asarray(batch), rank, world_size).tolist() for batch in batches]
+
+
 def batch_loader(dataset: TileDataset, batches: Sequence[Sequence[int]], num_workers: int) -> DataLoader:
     """A loader that yields exactly ``batches`` (lists of dataset indices), in order."""
     return DataLoader(
@@ -144,19 +178,30 @@ def train_one_epoch(
     grad_clip_norm: float,
     mixed_precision: bool,
     description: str = "training",
+    context: DistributedContext | None = None,
 ) -> float:
     """One pass over ``loader``; returns the tile-weighted mean training loss.
+
+    Under a distributed ``context`` every rank computes the loss of the global batch
+    (:func:`gather_batch`): Dice and Lovasz are set-level losses, so per-rank losses would differ from
+    one process's; and every rank then sees the same loss, so all stop together if it diverges.
 
     Raises:
         SegmenterDivergedError: if a batch's loss is not finite.
     """
     model.train()
     loss_sum, tiles = 0.0, 0
-    for images, labels, masks in tqdm(loader, desc=description, leave=False):
+    distributed = context if context is not None and context.enabled else None
+    quiet = distributed is not None and not distributed.is_main  # one progress bar per run
+    for images, labels, masks in tqdm(loader, desc=description, leave=False, disable=quiet):
         images, labels, masks = images.to(device), labels.to(device), masks.to(device)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, mixed_precision):
             mask_logits, label_logits = model(images)
+        if distributed is not None:
+            mask_logits, label_logits, masks, labels = (
+                gather_batch(tensor, distributed) for tensor in (mask_logits, label_logits, masks, labels)
+            )
         loss = loss_function(mask_logits, label_logits, masks, labels)
         if not torch.isfinite(loss):
             raise SegmenterDivergedError(
@@ -167,8 +212,9 @@ def train_one_epoch(
         if grad_clip_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
-        loss_sum += float(loss.detach()) * len(images)
-        tiles += len(images)
+        # len(masks): the global batch under DDP, whose loss every rank holds.
+        loss_sum += float(loss.detach()) * len(masks)
+        tiles += len(masks)
     return loss_sum / tiles if tiles else 0.0
 
 
@@ -196,6 +242,26 @@ def validate(
     return ValidationResult(counts=counts, loss_sum=loss_sum, tiles=tiles)
 
 
+def sum_over_ranks(result: ValidationResult, context: DistributedContext) -> ValidationResult:
+    """The validation sums of all ranks added up (the same result on every rank)."""
+    if not context.enabled:
+        return result
+    counts = result.counts
+    integers = torch.tensor(
+        [counts.true_positive, counts.false_positive, counts.false_negative, counts.true_negative, result.tiles],
+        dtype=torch.int64,
+    )
+    integers = all_reduce_sum(integers, context).tolist()
+    loss_sum = float(all_reduce_sum(torch.tensor([result.loss_sum], dtype=torch.float64), context)[0])
+    return ValidationResult(
+        counts=PixelCounts(
+            true_positive=integers[0], false_positive=integers[1], false_negative=integers[2], true_negative=integers[3]
+        ),
+        loss_sum=loss_sum,
+        tiles=integers[4],
+    )
+
+
 def train_segmenter(
     train: SegmenterData,
     validation: SegmenterData,
@@ -203,6 +269,7 @@ def train_segmenter(
     seed: int,
     device: torch.device,
     on_epoch: EpochCallback | None = None,
+    context: DistributedContext | None = None,
 ) -> SegmenterTrainingResult:
     """Trains DeepLabv3+ with the curriculum and keeps the epoch of best validation IoU.
 
@@ -218,6 +285,9 @@ def train_segmenter(
         seed: the run's seed (weights, curriculum draw, augmentation).
         device: where to train.
         on_epoch: called with each history row as it is made (for live logging).
+        context: the process group position; ``None`` or one process trains here alone. Every rank calls
+            this with the same data and parameters; ``params.batch_size`` stays the global batch, and
+            every rank returns the same result.
 
     Returns:
         The best weights (on the CPU), their epoch and metrics, the per-epoch history, and the epoch at
@@ -225,22 +295,37 @@ def train_segmenter(
 
     Raises:
         ValueError: if the training split has no positive tile or the validation split is empty.
+        DistributedBatchError: if the batch size is not a multiple of the number of processes.
     """
     if not train.positives.any():
         raise ValueError("the training split has no positive tile; the segmenter has nothing to learn")
     if len(validation.images) == 0:
         raise ValueError("the validation split is empty")
+    distributed = context if context is not None and context.enabled else None
+    local_batch_size = params.batch_size
+    if distributed is not None:
+        local_batch_size = per_process_batch_size(params.batch_size, distributed.world_size, "segmenter.batch_size")
     seed_everything(seed)
     model = build_segmenter(params.encoder, params.weights).to(device)
+    trained_model = model
+    if distributed is not None:
+        model = prepare_model(model, distributed).to(device)
+        trained_model = wrap_model(model, distributed)
+        # Same initial weights on every rank (seeded above, then broadcast by DDP), but each rank draws its
+        # own dropout masks: seeded alike, every rank would drop the same channels of its tiles.
+        torch.manual_seed(worker_seed(seed, 1_000 + distributed.rank))
     optimizer = build_optimizer(model, params.optimizer, params.lr, params.momentum, params.weight_decay)
     loss_function = SegmentationLoss(params.loss)
     augmentation = build_augmentation(params.augment, seed)
     train_dataset = _EpochSeededDataset(train.images, train.positives, train.masks, augmentation)
     validation_dataset = TileDataset(validation.images, validation.positives, validation.masks, None)
     validation_order = np.arange(len(validation_dataset))
+    if distributed is not None:
+        # Each rank scores its strided share; the pixel counts and loss sums are added up afterwards.
+        validation_order = shard_indices(validation_order, distributed.rank, distributed.world_size)
     validation_batches = [
-        validation_order[start : start + params.batch_size].tolist()
-        for start in range(0, len(validation_order), params.batch_size)
+        validation_order[start : start + local_batch_size].tolist()
+        for start in range(0, len(validation_order), local_batch_size)
     ]
     validation_loader = batch_loader(validation_dataset, validation_batches, params.num_workers)
 
@@ -254,10 +339,16 @@ def train_segmenter(
     for epoch in range(1, params.epochs + 1):
         probability = negative_probability(epoch, params.epochs, params.curriculum)
         indices = epoch_indices(train.positives, epoch, params.epochs, params.curriculum, seed)
-        train_dataset.start_epoch(worker_seed(seed, epoch))
-        loader = batch_loader(train_dataset, training_batches(indices, params.batch_size), params.num_workers)
+        if distributed is None:
+            train_dataset.start_epoch(worker_seed(seed, epoch))
+            batches = training_batches(indices, params.batch_size)
+        else:
+            # Ranks must not share one augmentation stream, or their tiles would be transformed alike.
+            train_dataset.start_epoch(worker_seed(worker_seed(seed, epoch), 1_000 + distributed.rank))
+            batches = distributed_training_batches(indices, params.batch_size, distributed.rank, distributed.world_size)
+        loader = batch_loader(train_dataset, batches, params.num_workers)
         train_loss = train_one_epoch(
-            model,
+            trained_model,
             loader,
             loss_function,
             optimizer,
@@ -265,8 +356,14 @@ def train_segmenter(
             params.grad_clip_norm,
             params.mixed_precision,
             description=f"epoch {epoch}/{params.epochs}",
+            context=distributed,
         )
+        if distributed is not None:
+            average_buffers(model, distributed)
+        # The bare model, not the DDP wrapper: ranks may score different numbers of validation batches.
         result = validate(model, validation_loader, loss_function, device, params.mixed_precision)
+        if distributed is not None:
+            result = sum_over_ranks(result, distributed)
         row: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": train_loss,
