@@ -3,6 +3,10 @@
 Reads only test tiles. Writes ``metrics/evaluate.json`` (the names of ``../shared/PIPELINE.md``, plus the
 segmenter's tile-level decisions and tile counts), ``metrics/roc.csv`` and ``metrics/confusion.csv`` for
 ``dvc plots``, figures under ``figures/evaluate/``, and one MLflow run holding all of them.
+
+Started by ``torchrun`` (``torchrun --nproc-per-node=N -m stages.evaluate``), each process scores every
+N-th test tile (each GPU its own, on GPUs) and rank 0 gathers the scored tiles, computes the metrics and
+writes every output.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from weakseg import figures, metrics
@@ -27,6 +32,15 @@ from weakseg.refine import threshold_cam
 from weakseg.stage import run_stage
 from weakseg.tracking import stage_run
 from weakseg.training.common import select_device
+from weakseg.training.distributed import (
+    DistributedContext,
+    gather_objects,
+    init_distributed,
+    launched_by_torchrun,
+    leaving_process_group,
+    shard,
+    unshard,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,13 +94,19 @@ def figure_selection(tiles: Sequence[Tile], per_class: int, seed: int) -> list[T
     return chosen
 
 
-def _score_tiles(params: StageParams, tiles: list[Tile], shown: set[str]) -> tuple[list[TestTile], bool]:
-    """Runs both models over the test tiles and gathers every mask the metrics need."""
+def _score_tiles(
+    params: StageParams, tiles: list[Tile], shown: set[str], device: torch.device | None = None
+) -> tuple[list[TestTile], bool]:
+    """Runs both models over the test tiles and gathers every mask the metrics need.
+
+    ``device`` (a distributed rank's GPU) replaces ``evaluate.device`` when given.
+    """
     settings = params.evaluate
-    try:
-        device = select_device(settings.device)
-    except RuntimeError as error:
-        raise EvaluateInputError(f"evaluate.device: {error}") from None
+    if device is None:
+        try:
+            device = select_device(settings.device)
+        except RuntimeError as error:
+            raise EvaluateInputError(f"evaluate.device: {error}") from None
     classifier = load_model(CLASSIFIER, "classifier", device)
     segmenter = load_model(SEGMENTER, "segmenter", device)
     for model in (classifier, segmenter):
@@ -284,14 +304,41 @@ def _write_roc_figure(path: Path, result: dict[str, Any]) -> None:
 
 
 def run(params: StageParams) -> None:
-    """Scores the test partition and writes metrics, plot data, figures and an MLflow run."""
+    """Scores the test partition and writes metrics, plot data, figures and an MLflow run.
+
+    Started by ``torchrun``, the test tiles are sharded over the processes (see the module docstring).
+    """
+    if not launched_by_torchrun():
+        _evaluate(params, None)
+        return
+    try:
+        context = init_distributed("auto", params.evaluate.device)
+    except RuntimeError as error:
+        raise EvaluateInputError(f"evaluate.device: {error}") from None
+    if not context.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one process reports
+    with leaving_process_group(context):
+        _evaluate(params, context)
+
+
+def _evaluate(params: StageParams, context: DistributedContext | None) -> None:
+    """The stage's work in one process (``context`` ``None``) or in one rank of several."""
     settings = params.evaluate
     tiles = partition(read_annotations(NORMALIZED / "annotations.csv", params.data.positive_label), "test")
     if not tiles:
         raise EvaluateInputError(f"{NORMALIZED / 'annotations.csv'}: no tile in the test partition to evaluate")
     selected = figure_selection(tiles, settings.figure_tiles, settings.figure_seed)
+    shown = {tile.name for tile in selected}
     try:
-        scored, has_truth = _score_tiles(params, tiles, {tile.name for tile in selected})
+        if context is None or not context.enabled:
+            scored, has_truth = _score_tiles(params, tiles, shown)
+        else:
+            # Each rank scores every world_size-th tile; rank 0 puts them back in order and goes on alone.
+            share, has_truth = _score_tiles(params, shard(tiles, context), shown, context.device)
+            shares = gather_objects(share, context)
+            if not context.is_main:
+                return
+            scored = unshard(shares, len(tiles))
     except InferenceError as error:
         raise EvaluateInputError(str(error)) from None
     result = compute_metrics(scored, settings.threshold, settings.min_foreground_pixels, has_truth)

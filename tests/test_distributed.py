@@ -14,8 +14,10 @@ validation and 1e-3 for training; segmenter validation loss to 3e-4 relative, Io
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +28,14 @@ import torch.distributed as torch_distributed
 import torch.multiprocessing as torch_multiprocessing
 from torch.utils.data import DataLoader
 
-from stages import train_classifier, train_segmenter
-from tests import test_train_classifier as classifier_tests
-from tests import test_train_segmenter as segmenter_tests
-from weakseg.metrics import PixelCounts
 from weakseg.params import CurriculumParams
-from weakseg.stage import run_stage
 from weakseg.training import distributed
 from weakseg.training.curriculum import epoch_indices
 from weakseg.training.distributed import DistributedContext
-from weakseg.training.segmenter import (
-    ValidationResult,
-    distributed_training_batches,
-    sum_over_ranks,
-    training_batches,
-)
+
+# The stages, the segmenter loop and the other test modules are imported inside the tests that use them:
+# the collectives test's worker processes import this module, and those imports (segmentation models)
+# would cost each of them seconds.
 
 NO_AUGMENTATION = {"flips": False, "rotate90": False, "color_jitter": 0.0, "hue_jitter": 0.0}
 COMPARISON_LR = 1e-4
@@ -100,6 +95,8 @@ def test_sampler_shares_are_disjoint_equal_and_rebuild_the_one_process_batches(d
 
 
 def test_curriculum_batches_split_each_one_process_batch_over_the_ranks() -> None:
+    from weakseg.training.segmenter import distributed_training_batches, training_batches
+
     positives = np.array([True, False] * 20)
     curriculum = CurriculumParams(positive_only_epochs=1, final_negative_probability=0.5)
     indices = epoch_indices(positives, 3, 4, curriculum, seed=5)
@@ -155,9 +152,10 @@ def _collectives_worker(rank: int, world_size: int, port: int, folder: str) -> N
         average_weight_grad = distributed.all_reduce_sum(synced.weight.grad, context) / world_size
 
         gathered = distributed.gather_objects({"rank": rank}, context)
-        counts = sum_over_ranks(
-            ValidationResult(PixelCounts(rank + 1, 2, 3, 4), loss_sum=0.5 * (rank + 1), tiles=rank + 1), context
-        )
+        summed = distributed.all_reduce_sum(torch.tensor([rank + 1, 10 * (rank + 1)]), context)
+        buffer_model = torch.nn.BatchNorm1d(2)
+        buffer_model.running_mean.fill_(float(rank))  # ranks disagree; averaging makes them agree
+        distributed.average_buffers(buffer_model, context)
         result = {
             "forward": float((output.detach() - torch.nn.functional.batch_norm(
                 whole, None, None, training=True, eps=reference.eps)).abs().max()),
@@ -166,7 +164,9 @@ def _collectives_worker(rank: int, world_size: int, port: int, folder: str) -> N
             "running_mean": float((synced.running_mean - reference.running_mean).abs().max()),
             "running_var": float((synced.running_var - reference.running_var).abs().max()),
             "gathered": gathered,
-            "counts": (counts.counts.true_positive, counts.counts.true_negative, counts.tiles, counts.loss_sum),
+            "summed": summed.tolist(),
+            "averaged_mean": buffer_model.running_mean.tolist(),
+            "batches_tracked": int(buffer_model.num_batches_tracked),
         }
         (Path(folder) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -188,7 +188,8 @@ def test_collectives_reproduce_one_process_batch_norm_gradients_and_sums(tmp_pat
         assert result["weight_grad"] < 1e-4
         assert result["running_mean"] < 1e-6 and result["running_var"] < 1e-6
         assert result["gathered"] == [{"rank": 0}, {"rank": 1}]
-        assert result["counts"] == [3, 8, 3, pytest.approx(1.5)]
+        assert result["summed"] == [3, 30]
+        assert result["averaged_mean"] == [0.5, 0.5] and result["batches_tracked"] == 0
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -216,6 +217,8 @@ def _run_twice(
     stage: str, body: Any, build: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str
 ) -> dict[int, Path]:
     """Runs ``stage`` in one and in two processes in fresh project folders; returns the folders."""
+    from weakseg.stage import run_stage
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2 cores: one thread per process
     folders: dict[int, Path] = {}
@@ -236,6 +239,8 @@ def _run_twice(
 def test_classifier_in_two_processes_matches_one_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_store: str
 ) -> None:
+    from tests import test_train_classifier as classifier_tests
+
     def build(folder: Path, processes: int) -> None:
         classifier_tests.make_dataset(folder / "data" / "normalized")
         classifier_tests.write_params(
@@ -246,6 +251,8 @@ def test_classifier_in_two_processes_matches_one_process(
                 "distributed": {"processes_per_node": processes, "backend": "auto"},
             },
         )
+
+    from stages import train_classifier
 
     folders = _run_twice("train_classifier", train_classifier.run, build, tmp_path, monkeypatch, stage_store)
     for folder in folders.values():
@@ -267,6 +274,8 @@ def test_classifier_in_two_processes_matches_one_process(
 def test_segmenter_in_two_processes_matches_one_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_store: str
 ) -> None:
+    from tests import test_train_segmenter as segmenter_tests
+
     def build(folder: Path, processes: int) -> None:
         segmenter_tests._write_project(
             folder,
@@ -277,6 +286,8 @@ def test_segmenter_in_two_processes_matches_one_process(
                 "distributed": {"processes_per_node": processes, "backend": "auto"},
             },
         )
+
+    from stages import train_segmenter
 
     folders = _run_twice("train_segmenter", train_segmenter.run, build, tmp_path, monkeypatch, stage_store)
     for folder in folders.values():
@@ -298,6 +309,10 @@ def test_segmenter_in_two_processes_matches_one_process(
 def test_a_batch_size_the_processes_cannot_split_is_refused_before_launching(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from stages import train_segmenter
+    from tests import test_train_segmenter as segmenter_tests
+    from weakseg.stage import run_stage
+
     def no_launch(*args: Any, **kwargs: Any) -> int:
         raise AssertionError("the stage launched processes for an impossible batch split")
 
@@ -315,6 +330,9 @@ def test_a_batch_size_the_processes_cannot_split_is_refused_before_launching(
 def test_a_failed_launch_is_reported_as_a_stage_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from stages import train_classifier
+    from tests import test_train_classifier as classifier_tests
+
     launched: list[tuple[str, int, list[str]]] = []
 
     def failing_launch(module: str, processes: int, arguments: Any = ()) -> int:
@@ -328,3 +346,108 @@ def test_a_failed_launch_is_reported_as_a_stage_error(
     assert train_classifier.main(["--params", "params.yaml"]) == 2
     assert launched == [("stages.train_classifier", 2, ["--params", "params.yaml"])]
     assert "exited with status 1" in capsys.readouterr().err
+
+
+def test_batch_plan_from_headers_matches_the_decoded_batches(tmp_path: Path) -> None:
+    from stages import generate_cams
+    from weakseg.data.layout import Tile
+    from weakseg.io import write_png
+
+    sizes = [32, 32, 32, 48, 48, 32, 32, 32, 32, 32]
+    tiles = []
+    for index, size in enumerate(sizes):
+        write_png(tmp_path / f"t{index}.png", np.full((size, size, 3), index, dtype=np.uint8))
+        tiles.append(Tile(f"t{index}.png", "SSA", "train", True))
+    decoded = [[tile.name for tile in batch] for batch, _ in generate_cams._same_size_batches(tiles, tmp_path, 3)]
+    planned = [[tiles[index].name for index in batch] for batch in generate_cams.batch_plan(tiles, tmp_path, 3)]
+    assert planned == decoded
+    assert [len(batch) for batch in planned] == [3, 2, 3, 2]
+
+
+def _simulate_rank(monkeypatch: pytest.MonkeyPatch, module: Any, rank: int, relay: list[Any]) -> None:
+    """Makes ``module`` run as ``rank`` of 2 without processes: rank 1 runs first and records what it sends
+    to each gather; rank 0 then receives those records as rank 1's shares.
+
+    This replays the two ranks one after the other, which their stages allow because rank 1 never waits
+    for data from rank 0. (The training stage tests above run real process groups.)
+    """
+
+    def gather(value: Any, context: DistributedContext) -> list[Any]:
+        if rank == 1:
+            relay.append(value)
+            return [None, value]
+        return [value, relay.pop(0)]
+
+    monkeypatch.setattr(module, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(module, "init_distributed", lambda *args: DistributedContext(rank=rank, world_size=2))
+    monkeypatch.setattr(module, "leaving_process_group", lambda context: contextlib.nullcontext(context))
+    monkeypatch.setattr(module, "gather_objects", gather)
+
+
+def test_cams_sharded_over_two_ranks_equal_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_store: str
+) -> None:
+    from stages import generate_cams
+    from tests import test_cam
+    from weakseg.stage import run_stage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stage_store)
+    monkeypatch.chdir(tmp_path)
+    tiles = test_cam._write_tiny_project(tmp_path)  # 3 tiles in batches of 2: one batch per rank
+    assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
+    one_process = {tile.name: (tmp_path / "data/cams" / tile.name).read_bytes() for tile in tiles}
+    shutil.rmtree(tmp_path / "data/cams")
+    runs_before = len(_runs_of("generate_cams", stage_store))
+
+    relay: list[Any] = []
+    _simulate_rank(monkeypatch, generate_cams, 1, relay)
+    assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
+    assert not (tmp_path / "data/cams").exists()  # rank 1 computes, rank 0 writes
+    assert len(_runs_of("generate_cams", stage_store)) == runs_before
+    assert [[name for name, *_ in share] for share in relay] == [["c.png"]]  # batch 1 of 2
+    _simulate_rank(monkeypatch, generate_cams, 0, relay)
+    assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
+    assert len(_runs_of("generate_cams", stage_store)) == runs_before + 1
+    assert sorted(path.name for path in (tmp_path / "data/cams").iterdir()) == sorted(one_process)
+    for name, expected in one_process.items():
+        assert (tmp_path / "data/cams" / name).read_bytes() == expected, name
+
+
+def test_evaluation_sharded_over_two_ranks_equals_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_store: str
+) -> None:
+    from stages import evaluate
+    from tests import test_evaluate_stage
+    from weakseg.stage import run_stage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stage_store)
+    monkeypatch.chdir(tmp_path)
+    test_evaluate_stage._build_project(tmp_path, with_truth=True)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+    outputs = ("metrics/evaluate.json", "metrics/roc.csv", "metrics/confusion.csv")
+    one_process = {name: (tmp_path / name).read_text() for name in outputs}
+    for name in outputs:
+        (tmp_path / name).unlink()
+
+    relay: list[Any] = []
+    _simulate_rank(monkeypatch, evaluate, 1, relay)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+    assert not any((tmp_path / name).exists() for name in outputs)
+    test_tiles = json.loads(one_process["metrics/evaluate.json"])["tiles"]["test"]
+    assert len(relay[0]) == test_tiles // 2  # rank 1 scored every second tile
+    _simulate_rank(monkeypatch, evaluate, 0, relay)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+    two_processes = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert _flatten(two_processes) == pytest.approx(_flatten(json.loads(one_process["metrics/evaluate.json"])), rel=1e-6)
+    assert (tmp_path / "metrics/roc.csv").read_text() == one_process["metrics/roc.csv"]
+    assert (tmp_path / "metrics/confusion.csv").read_text() == one_process["metrics/confusion.csv"]
+
+
+def _flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.project_copy import PROJECT_ROOT, STAGES, commit_all, copy_project, dvc, environment, make_project, stages_run
+from tools.project_copy import PROJECT_ROOT, STAGES, commit_all, copy_project, dvc, environment, make_project, run, stages_run
 
 pytestmark = pytest.mark.integration
 TINY = PROJECT_ROOT / "presets" / "tiny.yaml"

@@ -25,24 +25,31 @@ class ImageReadError(UserInputError):
     """Raised when an image file cannot be read as expected."""
 
 
+_READABLE_MODES = ("RGB", "RGBA", "L", "LA", "P", "I;16", "I", "1")
+
+
+def _decode(path: str | Path, mode: str, what: str) -> np.ndarray:
+    """Decodes an image file converted to ``mode``, naming the file in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: {what} file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in _READABLE_MODES:
+                raise ImageReadError(f"{path}: unsupported image mode {image.mode}")
+            return np.ascontiguousarray(np.asarray(image.convert(mode)))
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageReadError(f"{path}: cannot decode {what} ({error})") from None
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """Reads an image as an ``(H, W, 3)`` uint8 RGB array.
 
     Raises:
-        ImageReadError: naming the file, if it is missing, corrupt or not RGB-convertible.
+        ImageReadError: naming the file, if it is missing, corrupt or of an unsupported mode.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode not in ("RGB", "RGBA", "L", "P", "I;16", "I"):
-                raise ImageReadError(f"{path}: unsupported image mode {image.mode}, expected RGB")
-            array = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
-    return np.ascontiguousarray(array)
+    return _decode(path, "RGB", "image")
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -51,29 +58,16 @@ def read_mask(path: str | Path) -> np.ndarray:
     Raises:
         ImageReadError: naming the file, if it is missing or corrupt.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: mask file not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            array = np.asarray(image.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageReadError(f"{path}: cannot decode mask ({error})") from None
-    return array >= 128
+    return _decode(path, "L", "mask") >= 128
 
 
 def read_gray(path: str | Path) -> np.ndarray:
-    """Reads a single-channel 8-bit image (a CAM heatmap) as a uint8 ``(H, W)`` array."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("L")).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageReadError(f"{path}: cannot decode image ({error})") from None
+    """Reads a single-channel 8-bit image (a CAM heatmap) as a uint8 ``(H, W)`` array.
+
+    Raises:
+        ImageReadError: naming the file, if it is missing or corrupt.
+    """
+    return _decode(path, "L", "image")
 
 
 def _current_umask() -> int:

@@ -178,6 +178,11 @@ def init_distributed(backend: str = "auto", device_name: str = "auto") -> Distri
     local_rank = int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"process {local_rank} of this node has no GPU of its own ({torch.cuda.device_count()} visible); "
+                f"start at most one process per GPU (distributed.processes_per_node, torchrun --nproc-per-node)"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not torch_distributed.is_initialized():
