@@ -13,6 +13,7 @@ from weakseg.figures import overlay_mask, save_figure
 from weakseg.io import atomic_directory, read_mask, read_rgb
 from weakseg.params import StageParams
 from weakseg.stage import run_stage
+from weakseg.tracking import stage_run
 
 RAW = Path("data/raw")
 FIGURES = Path("figures/download")
@@ -50,6 +51,16 @@ def run(params: StageParams) -> None:
         with atomic_directory(FIGURES) as figures:
             contact_sheet(raw, tiles, has_masks, figures / "contact_sheet.png", data.source)
     positives = int(np.sum([tile.positive for tile in tiles]))
+    counts = {
+        "tiles": len(tiles),
+        "positive_tiles": positives,
+        "train_tiles": sum(tile.partition == "train" for tile in tiles),
+        "test_tiles": sum(tile.partition == "test" for tile in tiles),
+        "has_masks": int(has_masks),
+    }
+    with stage_run("download", params.to_flat_dict()) as tracked:
+        tracked.log_metrics(counts)
+        tracked.log_artifact(FIGURES / "contact_sheet.png", "figures")
     LOGGER.info(
         "%s: %d tiles (%d %s, %d other; train %d, test %d)%s",
         RAW,

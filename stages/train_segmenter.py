@@ -136,17 +136,17 @@ def _train(params: StageParams, context: DistributedContext) -> None:
     # Only rank 0 opens the MLflow run and writes files; the other ranks train and reduce with it.
     tracked = stage_run(STAGE, params.to_flat_dict()) if context.is_main else contextlib.nullcontext(None)
     with tracked as tracking:
+
+        def log_epoch(row: dict[str, Any]) -> None:
+            tracking.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
+
         result = train_segmenter(
             train,
             validation,
             segmenter,
             params.seed,
             device,
-            on_epoch=None
-            if tracking is None
-            else lambda row: tracking.log_metrics(
-                {key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"])
-            ),
+            on_epoch=log_epoch if tracking is not None else None,
             context=context,
         )
         if tracking is None:

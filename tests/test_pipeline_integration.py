@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from tools.project_copy import PROJECT_ROOT, STAGES, commit_all, copy_project, d
 
 pytestmark = pytest.mark.integration
 TINY = PROJECT_ROOT / "presets" / "tiny.yaml"
+
 
 def set_param(project: Path, keys: list[str], value: object) -> None:
     """Edits one key of params.yaml, as a user would."""
@@ -32,20 +35,56 @@ def set_param(project: Path, keys: list[str], value: object) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@dataclass
+class Baseline:
+    """The tiny pipeline reproduced from scratch twice, side by side."""
+
+    project: Path
+    first_output: str
+    second_output: str
+    independent: Path
+
+
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """One complete ``dvc repro`` of the tiny preset, its output, and a second repro's output."""
-    project = make_project(tmp_path_factory.mktemp("baseline") / "project", TINY)
-    first = dvc("repro", cwd=project)
-    second = dvc("repro", cwd=project)
-    commit_all(project, "baseline run")
-    return project, first.stdout, second.stdout
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Baseline]:
+    """Two fresh projects reproduced at the same time (one thread each), then a second repro of the first.
+
+    The first project's DVC cache lives outside it, so the copies that later tests make share its cache
+    and run cache, as clones on one machine configured with the same ``cache.dir`` would. The second
+    project keeps a cache of its own: it is the independent run the determinism test compares against.
+    """
+    folder = tmp_path_factory.mktemp("baseline")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        project = make_project(folder / "project", TINY)
+        dvc("cache", "dir", str(folder / "shared-cache"), cwd=project)
+        commit_all(project, "shared cache")
+        independent = make_project(folder / "independent", TINY)
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "dvc", "repro"], cwd=path, env=environment(), text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            )
+            for path in (project, independent)
+        ]
+        outputs = [process.communicate()[0] for process in runs]
+        for process, output in zip(runs, outputs):
+            assert process.returncode == 0, output
+        second = dvc("repro", cwd=project)
+        commit_all(project, "baseline run")
+        yield Baseline(project, outputs[0], second.stdout, independent)
 
 
-def test_repro_runs_all_seven_stages_then_none(baseline: tuple[Path, str, str]) -> None:
-    project, first, second = baseline
-    assert stages_run(first) == STAGES
-    assert stages_run(second) == []
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage process of these tests runs on one thread, as the baseline did (same floating-point order)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_repro_runs_all_seven_stages_then_none(baseline: Baseline) -> None:
+    project = baseline.project
+    assert stages_run(baseline.first_output) == STAGES
+    assert stages_run(baseline.second_output) == []
     for path in ["models/classifier.pt", "models/segmenter.pt", "metrics/evaluate.json", "metrics/pseudo_masks.json"]:
         assert (project / path).is_file(), path
     dag = dvc("dag", "--md", cwd=project).stdout
@@ -53,8 +92,8 @@ def test_repro_runs_all_seven_stages_then_none(baseline: tuple[Path, str, str]) 
         assert stage in dag
 
 
-def test_evaluate_metrics_hold_the_contract_keys(baseline: tuple[Path, str, str]) -> None:
-    project, _, _ = baseline
+def test_evaluate_metrics_hold_the_contract_keys(baseline: Baseline) -> None:
+    project = baseline.project
     shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
     text = json.dumps(shown)
     for key in ["accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "vs_pseudo", "vs_truth", "iou_positive_mean"]:
@@ -62,9 +101,9 @@ def test_evaluate_metrics_hold_the_contract_keys(baseline: tuple[Path, str, str]
 
 
 def test_changing_a_crf_parameter_reruns_exactly_the_downstream_stages(
-    baseline: tuple[Path, str, str], tmp_path: Path
+    baseline: Baseline, tmp_path: Path
 ) -> None:
-    project = copy_project(baseline[0], tmp_path / "project")
+    project = copy_project(baseline.project, tmp_path / "project")
     # A bilateral weight of 0 removes the CRF's colour term: the masks change, so the stages after it run.
     set_param(project, ["refine", "crf", "bilateral", "compat"], 0.0)
     result = dvc("repro", cwd=project)
@@ -72,9 +111,9 @@ def test_changing_a_crf_parameter_reruns_exactly_the_downstream_stages(
 
 
 def test_experiments_with_two_refine_values_are_listed_with_metrics(
-    baseline: tuple[Path, str, str], tmp_path: Path
+    baseline: Baseline, tmp_path: Path
 ) -> None:
-    project = copy_project(baseline[0], tmp_path / "project")
+    project = copy_project(baseline.project, tmp_path / "project")
     for value in ("0.0", "20.0"):
         dvc("exp", "run", "-S", f"refine.crf.bilateral.compat={value}", cwd=project)
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
@@ -93,8 +132,8 @@ def test_experiments_with_two_refine_values_are_listed_with_metrics(
     assert all(found.values()), f"experiments not listed with evaluate metrics: {found}\n{text[:2000]}"
 
 
-def test_push_clone_pull_leaves_nothing_to_run(baseline: tuple[Path, str, str], tmp_path: Path) -> None:
-    project = copy_project(baseline[0], tmp_path / "project")
+def test_push_clone_pull_leaves_nothing_to_run(baseline: Baseline, tmp_path: Path) -> None:
+    project = copy_project(baseline.project, tmp_path / "project")
     remote = tmp_path / "remote"
     dvc("remote", "add", "-d", "shared", str(remote), cwd=project)
     commit_all(project, "add remote")
@@ -117,17 +156,12 @@ def _metric_files(project: Path) -> dict[str, object]:
     return {path.name: json.loads(path.read_text()) for path in sorted((project / "metrics").glob("*.json"))}
 
 
-def test_two_runs_from_scratch_are_identical(baseline: tuple[Path, str, str], tmp_path: Path) -> None:
-    other = make_project(tmp_path / "project", TINY)
-    dvc("repro", cwd=other)
-    project = baseline[0]
+def test_two_runs_from_scratch_are_identical(baseline: Baseline) -> None:
+    project, other = baseline.project, baseline.independent
     assert _pseudo_mask_bytes(other) == _pseudo_mask_bytes(project)
-    first, second = _metric_files(project), _metric_files(other)
-    for name in first:
-        if name in {"normalize.json"}:
-            first[name].pop("seconds", None), second[name].pop("seconds", None)
-    assert _strip_timings(first) == _strip_timings(second)
-    assert (other / "models" / "segmenter.pt").read_bytes() == (project / "models" / "segmenter.pt").read_bytes()
+    assert _strip_timings(_metric_files(project)) == _strip_timings(_metric_files(other))
+    for model in ("classifier.pt", "segmenter.pt"):
+        assert (other / "models" / model).read_bytes() == (project / "models" / model).read_bytes()
 
 
 def _strip_timings(value: object) -> object:
@@ -139,10 +173,10 @@ def _strip_timings(value: object) -> object:
     return value
 
 
-def test_mlflow_holds_one_run_per_stage_with_the_grouping_tag(baseline: tuple[Path, str, str]) -> None:
+def test_mlflow_holds_one_run_per_stage_with_the_grouping_tag(baseline: Baseline) -> None:
     import mlflow
 
-    project = baseline[0]
+    project = baseline.project
     store = project / "mlflow.db"
     assert store.is_file(), "the MLflow store should default to <repository root>/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
@@ -152,7 +186,7 @@ def test_mlflow_holds_one_run_per_stage_with_the_grouping_tag(baseline: tuple[Pa
     by_stage = {}
     for run_record in runs:
         by_stage.setdefault(run_record.data.tags.get("weakseg.stage"), []).append(run_record)
-    tracked = [stage for stage in STAGES if stage != "download"]
+    tracked = STAGES
     for stage in tracked:
         assert len(by_stage.get(stage, [])) == 1, f"{stage}: {len(by_stage.get(stage, []))} runs"
     groups = {by_stage[stage][0].data.tags["weakseg.pipeline"] for stage in tracked}
@@ -161,11 +195,14 @@ def test_mlflow_holds_one_run_per_stage_with_the_grouping_tag(baseline: tuple[Pa
     assert by_stage["evaluate"][0].data.metrics, "the evaluation run has no metrics"
 
 
-def test_sigkill_during_train_segmenter_then_repro_recovers(baseline: tuple[Path, str, str], tmp_path: Path) -> None:
-    project = copy_project(baseline[0], tmp_path / "project")
+def test_sigkill_during_train_segmenter_then_repro_recovers(baseline: Baseline, tmp_path: Path) -> None:
+    project = copy_project(baseline.project, tmp_path / "project")
     expected = json.loads((project / "metrics" / "segmenter.json").read_text())
+    # `device: cpu` instead of `auto` changes nothing on this machine but is a new parameter value, so DVC
+    # has no cached result: the stage must really run, be killed, and run again.
+    set_param(project, ["segmenter", "device"], "cpu")
     process = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train_segmenter"],
+        [sys.executable, "-m", "dvc", "repro"],
         cwd=project,
         env=environment(),
         stdout=subprocess.DEVNULL,
@@ -173,25 +210,27 @@ def test_sigkill_during_train_segmenter_then_repro_recovers(baseline: tuple[Path
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not _stage_process_running("stages.train_segmenter"):
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not _stage_process_running("stages.train_segmenter", project):
             time.sleep(0.2)
-        assert _stage_process_running("stages.train_segmenter"), "train_segmenter never started"
-        time.sleep(3.0)  # let it get into training
+        assert _stage_process_running("stages.train_segmenter", project), "train_segmenter never started"
+        time.sleep(4.0)  # into training
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    result = dvc("repro", "--no-run-cache", cwd=project)
+    assert not (project / "models" / "segmenter.pt").exists() or json.loads(
+        (project / "metrics" / "segmenter.json").read_text()
+    ) == expected
+    result = dvc("repro", cwd=project)
     assert "train_segmenter" in stages_run(result.stdout)
     assert json.loads((project / "metrics" / "segmenter.json").read_text()) == expected
     assert not list((project / "models").glob(".*.tmp")), "a temporary file was left behind"
 
 
-def _stage_process_running(module: str) -> bool:
+def _stage_process_running(module: str, project: Path) -> bool:
     import psutil
 
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info.get("cmdline") or []
-        if module in cmdline:
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if module in (process.info.get("cmdline") or []) and process.info.get("cwd") == str(project):
             return True
     return False

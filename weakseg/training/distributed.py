@@ -13,8 +13,9 @@ collective call).
 Batch norm: every process normalises with the statistics of the global batch, as one process would: on
 GPUs through PyTorch's ``SyncBatchNorm``, on CPU (which ``SyncBatchNorm`` does not support) through
 :class:`GlooSyncBatchNorm`, which reduces the statistics with autograd-aware collectives. So a distributed
-run differs from a one-process run with the same global batch only by float summation order, the
-per-process augmentation streams and the set-level Focal Tversky term of the classifier's loss.
+run differs from a one-process run with the same global batch only by float summation order and the
+per-process augmentation and dropout streams. The training losses are computed on the global batch too
+(:func:`gather_batch`), so set-level terms (Focal Tversky, Dice, Lovasz) see what one process would.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as torch_distributed
 from torch import nn
-from torch.utils.data import Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 from weakseg.errors import UserInputError
 from weakseg.training.common import select_device
@@ -263,7 +264,7 @@ def single_process_order(dataset_size: int, epoch_seed: int) -> list[int]:
     return torch.randperm(dataset_size, generator=generator).tolist()
 
 
-class SameOrderDistributedSampler(torch.utils.data.distributed.DistributedSampler):
+class SameOrderDistributedSampler(DistributedSampler):
     """A ``DistributedSampler`` whose epochs, put together, are the one-process run's epochs.
 
     Epoch ``e`` (set with ``set_epoch``) shuffles with ``seed + e``, like ``DistributedSampler``, but in
@@ -331,8 +332,10 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class _AllGather(torch.autograd.Function):
-    """Concatenation over ranks of equally shaped tensors; a rank's gradient is the sum over ranks of
-    the gradients of its slice."""
+    """Concatenation over ranks of equally shaped tensors, with gradients.
+
+    A rank's gradient is the sum over the ranks of the gradients of its slice.
+    """
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102 (autograd protocol)
