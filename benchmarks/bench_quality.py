@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 
 from benchmarks import bench_demo
-from tools.project_copy import PROJECT_ROOT, copy_project, dvc, make_project, run
+from tools import project_copy
+from tools.project_copy import PROJECT_ROOT, copy_project, dvc, make_project
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data" / "ebhi-hgin-polyp"
 WORKSPACE = Path(tempfile.gettempdir()) / "weakseg-bench-quality"
@@ -47,7 +48,7 @@ def upper_bound(project: Path, workspace: Path) -> dict[str, float] | None:
     shutil.rmtree(pseudo)
     shutil.copytree(supervised / "data" / "raw" / "masks", pseudo)
     for stage in ("train_segmenter", "evaluate"):
-        run([sys.executable, "-m", f"stages.{stage}"], supervised)
+        project_copy.run([sys.executable, "-m", f"stages.{stage}"], supervised)
     metrics = json.loads((supervised / "metrics" / "evaluate.json").read_text())
     return _pick(metrics, "segmenter", "vs_truth")
 

@@ -35,12 +35,14 @@ BENCHMARKS = [
 
 # (benchmark, key in its result, comparison, target, what the issue asked)
 TARGETS = [
-    ("bench_synthetic", "seconds_for_500_tiles", "<=", 30.0, "500 synthetic tiles generate in under 30 s on one core"),
+    ("bench_synthetic", "projected_cpu_seconds_for_500_tiles", "<=", 30.0, "500 synthetic tiles generate in under 30 s on one core"),
     ("bench_normalize", "seconds_for_3152_tiles", "<=", 60.0, "normalizing 3,152 tiles of 224x224 takes under 60 s on 2 cores"),
-    ("bench_train_classifier", "ratio_to_bare_forward_backward", ">=", 0.9, "classifier training throughput / bare forward+backward"),
-    ("bench_refine", "seconds_for_3152_tiles", "<=", 300.0, "refining 3,152 tiles takes under 5 minutes on 2 cores"),
-    ("bench_refine", "pool_speedup", ">=", 1.7, "refine_masks process-pool speed-up over one worker"),
-    ("bench_train_segmenter", "ratio_to_bare_forward_backward", ">=", 0.9, "segmenter training throughput / bare forward+backward"),
+    ("bench_normalize", "pool_speedup", ">=", 1.5, "normalize process-pool speed-up on 2 cores"),
+    ("bench_normalize", "speed_ratio_vs_torchstain", ">=", 1.0, "own Macenko faster than torchstain's"),
+    ("bench_train_classifier", "ratio", ">=", 0.9, "classifier training throughput / bare forward+backward"),
+    ("bench_refine", "projected_mhist_seconds_parallel", "<=", 300.0, "refining 3,152 tiles takes under 5 minutes on 2 cores"),
+    ("bench_refine", "speedup", ">=", 1.7, "refine_masks process-pool speed-up over one worker"),
+    ("bench_train_segmenter", "ratio", ">=", 0.9, "segmenter training throughput / bare forward+backward"),
     ("bench_predict", "ratio_to_bare_forward", ">=", 0.8, "predict throughput / bare model forward"),
     ("bench_demo", "total_seconds", "<=", 600.0, "the default demo's dvc repro from an empty cache, under 10 minutes"),
 ]
@@ -125,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="benchmarks to run (default: all)")
     parser.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out")
     parser.add_argument("--output", default=str(RESULTS), help="results folder")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results files from benchmarks.json")
     arguments = parser.parse_args(argv)
     selected = [name for name in (arguments.only or BENCHMARKS) if name not in arguments.skip]
+    if arguments.report_only:
+        selected = []
     output = Path(arguments.output)
     previous = output / "benchmarks.json"
     results: dict[str, Any] = json.loads(previous.read_text())["results"] if previous.is_file() else {}
@@ -137,12 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = module.run()
         results[name]["benchmark_wall_seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(results[name], indent=2, default=str)[:2000], file=sys.stderr, flush=True)
+        write_report(output, results)  # after each benchmark, so a long run keeps what it measured
+    write_report(output, results)
+    print(f"wrote {output / 'benchmarks.md'}", file=sys.stderr)
+    return 0
+
+
+def write_report(output: Path, results: dict[str, Any]) -> None:
+    """Writes ``benchmarks.json`` and ``benchmarks.md`` for the results so far."""
     report = {"machine": machine(), "results": results, "targets": check_targets(results)}
     output.mkdir(parents=True, exist_ok=True)
     (output / "benchmarks.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     (output / "benchmarks.md").write_text(to_markdown(report))
-    print(f"wrote {output / 'benchmarks.md'}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
