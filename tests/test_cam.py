@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+
+from tests.recording import RecordingTracker, record_stage_run
 import torch
 import yaml
 from torch import nn
@@ -31,34 +30,12 @@ from weakseg.training.common import preprocessing_record
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-class RecordingTracker:
-    """Stands in for MLflow (whose first run builds a SQLite schema for ~10 s) and records what is logged."""
-
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
-        self.artifacts: list[str] = []
-
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, prefix: str = "") -> None:
-        self.metrics.update({f"{prefix}{key}": value for key, value in metrics.items()})
-
-    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.artifacts.append(str(path))
-
-
 @pytest.fixture
 def tracker(monkeypatch: pytest.MonkeyPatch) -> RecordingTracker:
     """Replaces ``stage_run`` in the generate_cams stage with a recorder."""
     from stages import generate_cams
 
-    recorder = RecordingTracker()
-
-    @contextlib.contextmanager
-    def fake_stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[RecordingTracker]:
-        assert stage == "generate_cams" and params and "cam.method" in params
-        yield recorder
-
-    monkeypatch.setattr(generate_cams, "stage_run", fake_stage_run)
-    return recorder
+    return record_stage_run(monkeypatch, generate_cams, "generate_cams", "cam.method")
 SIZE = 32
 STAGE_SIZE = 64  # ResNet-18's layer4 is 2x2 at 64 px, so the CAM has structure
 

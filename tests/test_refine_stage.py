@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+from tests.recording import RecordingTracker, record_stage_run
 import yaml
 
 from weakseg.data.layout import Tile, read_annotations, write_annotations
@@ -20,34 +20,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
-class RecordingTracker:
-    """Stands in for MLflow (whose first run builds a SQLite schema for ~10 s) and records what is logged."""
-
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
-        self.artifacts: list[str] = []
-
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, prefix: str = "") -> None:
-        self.metrics.update({f"{prefix}{key}": value for key, value in metrics.items()})
-
-    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.artifacts.append(str(path))
-
-
 @pytest.fixture
 def tracker(monkeypatch: pytest.MonkeyPatch) -> RecordingTracker:
     """Replaces ``stage_run`` in the refine_masks stage with a recorder."""
     from stages import refine_masks
 
-    recorder = RecordingTracker()
-
-    @contextlib.contextmanager
-    def fake_stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[RecordingTracker]:
-        assert stage == "refine_masks" and params and "refine.crf.bilateral.srgb" in params
-        yield recorder
-
-    monkeypatch.setattr(refine_masks, "stage_run", fake_stage_run)
-    return recorder
+    return record_stage_run(monkeypatch, refine_masks, "refine_masks", "refine.crf.bilateral.srgb")
 
 
 def _block_tile(column: int) -> tuple[np.ndarray, np.ndarray]:
