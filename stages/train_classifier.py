@@ -36,13 +36,7 @@ from weakseg.training.common import (
     write_history,
 )
 from weakseg.training.datasets import TileDataset, load_tiles
-from weakseg.training.distributed import (
-    DistributedContext,
-    init_distributed,
-    launched_by_torchrun,
-    leaving_process_group,
-    relaunch_or_fail,
-)
+from weakseg.training.distributed import DistributedContext, run_training_stage
 
 STAGE = "train_classifier"
 DATA = Path("data/normalized")
@@ -60,24 +54,17 @@ def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
         stage_arguments: the command-line arguments, passed on when the stage re-launches itself in
             ``classifier.distributed.processes_per_node`` processes.
     """
-    distributed = params.classifier.distributed
-    if distributed.processes_per_node > 1 and not launched_by_torchrun():
-        relaunch_or_fail(
-            f"stages.{STAGE}",
-            distributed.processes_per_node,
-            stage_arguments,
-            batch_size=("classifier.batch_size", params.classifier.batch_size),
-        )
-        return
-    try:
-        context = init_distributed(distributed.backend, params.classifier.device)
-    except RuntimeError as error:
-        raise ParamsError(f"classifier.device: {error}") from None
-    if not context.is_main:
-        # One process reports progress; the others would repeat every line.
-        logging.getLogger().setLevel(logging.WARNING)
-    with leaving_process_group(context):
-        _train(params, context)
+    settings = params.classifier
+    run_training_stage(
+        f"stages.{STAGE}",
+        "classifier",
+        settings.distributed.processes_per_node,
+        settings.distributed.backend,
+        settings.device,
+        settings.batch_size,
+        stage_arguments,
+        functools.partial(_train, params),
+    )
 
 
 def _train(params: StageParams, context: DistributedContext) -> None:

@@ -26,7 +26,7 @@ from weakseg.data.layout import partition, read_annotations, split_train_validat
 from weakseg.errors import UserInputError
 from weakseg.io import write_json
 from weakseg.models import build_segmenter, save_checkpoint
-from weakseg.params import ParamsError, StageParams
+from weakseg.params import StageParams
 from weakseg.stage import run_stage
 from weakseg.tracking import stage_run
 from weakseg.training.common import (
@@ -35,13 +35,7 @@ from weakseg.training.common import (
     write_history,
 )
 from weakseg.training.datasets import load_masks, load_tiles
-from weakseg.training.distributed import (
-    DistributedContext,
-    init_distributed,
-    launched_by_torchrun,
-    leaving_process_group,
-    relaunch_or_fail,
-)
+from weakseg.training.distributed import DistributedContext, run_training_stage
 from weakseg.training.segmenter import SegmenterData, train_segmenter
 
 STAGE = "train_segmenter"
@@ -78,24 +72,17 @@ def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
         stage_arguments: the command-line arguments, passed on when the stage re-launches itself in
             ``segmenter.distributed.processes_per_node`` processes.
     """
-    distributed = params.segmenter.distributed
-    if distributed.processes_per_node > 1 and not launched_by_torchrun():
-        relaunch_or_fail(
-            f"stages.{STAGE}",
-            distributed.processes_per_node,
-            stage_arguments,
-            batch_size=("segmenter.batch_size", params.segmenter.batch_size),
-        )
-        return
-    try:
-        context = init_distributed(distributed.backend, params.segmenter.device)
-    except RuntimeError as error:
-        raise ParamsError(f"segmenter.device: {error}") from None
-    if not context.is_main:
-        # One process reports progress; the others would repeat every line.
-        logging.getLogger().setLevel(logging.WARNING)
-    with leaving_process_group(context):
-        _train(params, context)
+    settings = params.segmenter
+    run_training_stage(
+        f"stages.{STAGE}",
+        "segmenter",
+        settings.distributed.processes_per_node,
+        settings.distributed.backend,
+        settings.device,
+        settings.batch_size,
+        stage_arguments,
+        functools.partial(_train, params),
+    )
 
 
 def _train(params: StageParams, context: DistributedContext) -> None:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import logging
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -539,3 +540,46 @@ def barrier(context: DistributedContext) -> None:
     """Waits for every rank."""
     if context.enabled:
         torch_distributed.barrier()
+
+
+def run_training_stage(
+    module: str,
+    section: str,
+    processes_per_node: int,
+    backend: str,
+    device: str,
+    batch_size: int,
+    stage_arguments: Sequence[str],
+    train: Callable[[DistributedContext], None],
+) -> None:
+    """What both training stages do around their training: launch, join the group, train, leave.
+
+    With ``processes_per_node > 1`` outside ``torchrun`` the stage module is re-launched under the elastic
+    launcher; otherwise this process joins the group (or runs alone) and calls ``train``.
+
+    Args:
+        module: the stage module to re-launch (``stages.train_classifier``).
+        section: its params section, for messages (``classifier``).
+        processes_per_node: ``<section>.distributed.processes_per_node``.
+        backend: ``<section>.distributed.backend``.
+        device: ``<section>.device``.
+        batch_size: ``<section>.batch_size``, the global batch the processes must divide.
+        stage_arguments: the command-line arguments a re-launch passes on.
+        train: the training itself, given this process's context.
+    """
+    if processes_per_node > 1 and not launched_by_torchrun():
+        relaunch_or_fail(module, processes_per_node, stage_arguments, batch_size=(f"{section}.batch_size", batch_size))
+        return
+    try:
+        context = init_distributed(backend, device)
+    except RuntimeError as error:
+        raise DeviceError(f"{section}.device: {error}") from None
+    if not context.is_main:
+        # One process reports progress; the others would repeat every line.
+        logging.getLogger().setLevel(logging.WARNING)
+    with leaving_process_group(context):
+        train(context)
+
+
+class DeviceError(UserInputError):
+    """Raised when the requested device is not available."""
