@@ -2,7 +2,7 @@
 
 Runs in a fresh git + DVC copy of the project (``tools.project_copy``), so the developer's outputs and
 cache are untouched. Each stage is reproduced on its own (``dvc repro --single-item``) so its time is its own.
-The finished copy is kept (its path is in the result) for ``bench_quality`` to read.
+The finished copy is kept (its path is in the result) for a person to look at.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def run(params_file: Path | None = None, workspace: Path = WORKSPACE) -> dict[st
     after_change = dvc("repro", cwd=project)
     crf_seconds = round(time.perf_counter() - started, 1)
     rerun = stages_run(after_change.stdout)
-    # Put the demo's params back (DVC restores those outputs from its run cache) so that bench_quality
-    # reads the default run.
+    # Put the demo's params back (DVC restores those outputs from its run cache) so that the kept copy
+    # holds the default run.
     (project / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text() if params_file is None else params_file.read_text())
     dvc("repro", cwd=project)
     return {

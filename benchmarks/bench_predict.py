@@ -113,7 +113,9 @@ def run(
             for index, image in enumerate(images):
                 write_png(folder / "in" / f"tile_{index:04d}.png", image)
             checkpoint = folder / "segmenter.pt"
-            save_checkpoint(checkpoint, "segmenter", encoder, model.cpu(), preprocessing=preprocessing_record(tile_size))
+            save_checkpoint(
+                checkpoint, "segmenter", encoder, model.cpu(), preprocessing=preprocessing_record(tile_size), head_threshold=0.5
+            )
             model.to(torch_device)
             argv = [
                 "--input", str(folder / "in"), "--output", str(folder / "out"), "--segmenter", str(checkpoint),

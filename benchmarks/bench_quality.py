@@ -1,129 +1,330 @@
-"""Quality against pixel truth, with a trivial baseline and a fully supervised upper bound beside it.
+"""Quality against pixel truth, three seeds a row: ``results/quality.json``, ``results/quality.md``, the README.
 
-For (a) the default synthetic demo and (b) the real H&E set ``../shared/data/ebhi-hgin-polyp`` (run as a
-``folder`` source with ``presets/ebhi-cpu.yaml``), on the test partition and against the true masks:
+For the synthetic demo (``params.yaml``; each seed changes the data seed and the training seed) and the real
+H&E set ``../shared/data/ebhi-hgin-polyp`` (``presets/ebhi-cpu.yaml``; each seed changes the training seed),
+every method row is scored on the test partition against the true masks (pooled IoU, Dice, mIoU), one value
+per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
 
-- weak supervision: thresholded CAM, refined pseudo-masks, and the segmenter trained on pseudo-masks;
-- trivial baseline: the whole tissue mask on every tile the classifier calls positive;
-- upper bound: the same segmenter configuration trained on the true training masks (used only here).
+- ``weakseg``: the default method (the dataset's preset as it stands);
+- ``paper``: the paper's chain at the same CPU budget (the preset with ``presets/paper-mhist.yaml``'s
+  ``cam`` and ``refine`` sections); a run whose params equal another row's is not run twice;
+- ``fully_supervised``: the same preset with ``segmenter.targets: truth`` (the yardstick);
+- from each ``weakseg`` run's ``metrics/evaluate.json``: ``tissue_if_classified_positive`` (all tissue on
+  tiles that run's classifier calls positive), ``tissue_if_label_positive_oracle_label``, and the ablation
+  rows ``cam_thresholded`` and ``pseudo_masks`` (classifier-gated, as the pipeline would output them).
 
-The upper bound runs in a copy of the finished project whose ``data/pseudo_masks`` are replaced by the
-truth, then ``train_segmenter`` and ``evaluate`` are run directly (not through DVC).
+Each (dataset, method, seed) runs ``dvc repro`` in one project copy per dataset under ``.bench/quality``
+(git-ignored), so DVC's run cache restores every stage an earlier run already computed; a finished run's
+scores are kept in ``runs.json`` there, and an interrupted benchmark resumes where it stopped. ``seconds``
+is the wall time of the run's ``dvc repro``: stages restored from the run cache (shared with an earlier
+row) cost nothing again.
+
+The check at the end exits non-zero, naming the row, when the default method's mean IoU falls below the
+classifier-gated trivial baseline's on a dataset, or the fully supervised reference's below 0.75 on EBHI.
+
+    python -m benchmarks.bench_quality [--datasets demo ebhi-hgin-polyp] [--seeds 0 1 2] [--report-only]
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import shutil
+import os
+import re
+import statistics
 import sys
-import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from benchmarks import bench_demo
-from tools import project_copy
-from tools.project_copy import PROJECT_ROOT, copy_project, dvc, make_project
+from tools.project_copy import PROJECT_ROOT, dvc, make_project
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data" / "ebhi-hgin-polyp"
-WORKSPACE = Path(tempfile.gettempdir()) / "weakseg-bench-quality"
+WORKSPACE = PROJECT_ROOT / ".bench" / "quality"
+RESULTS = PROJECT_ROOT / "results"
+README = PROJECT_ROOT / "README.md"
+README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 KEYS = ("iou", "dice", "miou")
+FULLY_SUPERVISED_FLOOR = 0.75
+# Rows read from a weakseg run's metrics/evaluate.json: (row, path in the file, what it uses).
+DERIVED_ROWS = {
+    "tissue_if_classified_positive": ("baseline.tissue_if_classified_positive.vs_truth", "tissue masks, classifier decisions"),
+    "tissue_if_label_positive_oracle_label": (
+        "baseline.tissue_if_label_positive_oracle_label.vs_truth",
+        "tissue masks, the TRUE test labels (an oracle)",
+    ),
+    "cam_thresholded": ("cam.vs_truth", "the classifier's CAM at the quantile, classifier decisions"),
+    "pseudo_masks": ("pseudo.vs_truth", "refined pseudo-masks (morphology, CRF), classifier decisions"),
+}
+TRAINED_ROWS = {
+    "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
+    "weakseg": "the default method of the preset, tile labels only",
+    "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
+}
+ROW_ORDER = [
+    "tissue_if_classified_positive",
+    "tissue_if_label_positive_oracle_label",
+    "cam_thresholded",
+    "pseudo_masks",
+    "paper",
+    "weakseg",
+    "fully_supervised",
+]
 
 
-def _pick(metrics: dict[str, Any], *path: str) -> dict[str, float] | None:
-    value: Any = metrics
-    for part in path:
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return {key: round(float(value[key]), 4) for key in KEYS if key in value}
+def _set(params: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        params = params.setdefault(part, {})
+    params[last] = value
 
 
-def upper_bound(project: Path, workspace: Path) -> dict[str, float] | None:
-    """Trains the segmenter on the true masks in a copy of ``project`` and scores it against truth."""
-    supervised = copy_project(project, workspace / "supervised")
-    pseudo = supervised / "data" / "pseudo_masks"
-    # DVC links outputs from its cache; replace the folder rather than writing through the links.
-    shutil.rmtree(pseudo)
-    shutil.copytree(supervised / "data" / "raw" / "masks", pseudo)
-    for stage in ("train_segmenter", "evaluate"):
-        project_copy.run([sys.executable, "-m", f"stages.{stage}"], supervised)
-    metrics = json.loads((supervised / "metrics" / "evaluate.json").read_text())
-    return _pick(metrics, "segmenter", "vs_truth")
-
-
-def quality_of(project: Path, workspace: Path) -> dict[str, Any]:
-    """The weak-supervision figures, the baseline and the upper bound for one finished project."""
-    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
-    weak = {
-        "cam": _pick(metrics, "cam", "vs_truth"),
-        "pseudo_masks": _pick(metrics, "pseudo", "vs_truth"),
-        "segmenter": _pick(metrics, "segmenter", "vs_truth"),
-        "segmenter_vs_pseudo": _pick(metrics, "segmenter", "vs_pseudo"),
-    }
-    baseline = _pick(metrics, "baseline", "tissue_if_classified_positive", "vs_truth")
-    bound = upper_bound(project, workspace)
-    gap = None
-    if bound and weak["segmenter"]:
-        gap = round(bound["iou"] - weak["segmenter"]["iou"], 4)
-    return {
-        "weak": weak,
-        "trivial_baseline": baseline,
-        "fully_supervised": bound,
-        "iou_gap_full_minus_weak": gap,
-        "classifier": {key: round(float(value), 4) for key, value in metrics.get("classifier", {}).items()},
-    }
-
-
-def _table(name: str, result: dict[str, Any]) -> list[str]:
-    rows = [
-        ("thresholded CAM", result["weak"]["cam"]),
-        ("refined pseudo-masks", result["weak"]["pseudo_masks"]),
-        ("segmenter (trained on pseudo-masks)", result["weak"]["segmenter"]),
-        ("trivial baseline: tissue mask if classifier says positive", result["trivial_baseline"]),
-        ("upper bound: segmenter trained on true masks", result["fully_supervised"]),
-    ]
-    lines = [f"**{name}** (test partition, against true masks, pooled over all test pixels)", "",
-             "| method | IoU | Dice | mIoU |", "| --- | --- | --- | --- |"]
-    for label, values in rows:
-        values = values or {}
-        lines.append(f"| {label} | " + " | ".join(f"{values[key]:.3f}" if key in values else "—" for key in KEYS) + " |")
-    lines.append("")
-    lines.append(f"Gap in IoU between full and weak supervision: {result['iou_gap_full_minus_weak']}.")
-    return lines
-
-
-def run() -> dict[str, Any]:
-    """Both datasets (the real one only where ``../shared/data`` is present)."""
-    shutil.rmtree(WORKSPACE, ignore_errors=True)
-    WORKSPACE.mkdir(parents=True)
-    results: dict[str, Any] = {}
-    demo_project = bench_demo.WORKSPACE / "project"
-    if not (demo_project / "metrics" / "evaluate.json").is_file():
-        bench_demo.run()
-    results["synthetic_demo"] = quality_of(demo_project, WORKSPACE / "demo")
-
-    if (SHARED_DATA / "annotations.csv").is_file():
+def dataset_params(dataset: str, seed: int) -> dict[str, Any]:
+    """The default method's params for one dataset and seed."""
+    if dataset == "demo":
+        params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+        _set(params, "data.synthetic.seed", seed)
+    elif dataset == "ebhi-hgin-polyp":
         params = yaml.safe_load((PROJECT_ROOT / "presets" / "ebhi-cpu.yaml").read_text())
-        params["data"]["folder"]["path"] = str(SHARED_DATA)
-        params_file = WORKSPACE / "ebhi-params.yaml"
-        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        project = make_project(WORKSPACE / "ebhi" / "project", params_file)
-        dvc("repro", cwd=project)
-        results["ebhi_hgin_polyp"] = quality_of(project, WORKSPACE / "ebhi")
+        _set(params, "data.folder.path", str(SHARED_DATA))
     else:
-        results["ebhi_hgin_polyp"] = {"skipped": f"{SHARED_DATA} not present"}
+        raise ValueError(f"unknown dataset {dataset!r}")
+    params["seed"] = seed
+    return params
 
-    lines: list[str] = []
-    for name, label in (("synthetic_demo", "Synthetic demo (params.yaml)"), ("ebhi_hgin_polyp", "EBHI HGIN/Polyp, real H&E (presets/ebhi-cpu.yaml)")):
-        if "weak" in results[name]:
-            lines += _table(label, results[name]) + [""]
+
+def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
+    """The params of one trained row."""
+    params = dataset_params(dataset, seed)
+    if method == "paper":
+        paper = yaml.safe_load((PROJECT_ROOT / "presets" / "paper-mhist.yaml").read_text())
+        params["cam"], params["refine"] = paper["cam"], paper["refine"]
+    elif method == "fully_supervised":
+        _set(params, "segmenter.targets", "truth")
+    elif method != "weakseg":
+        raise ValueError(f"unknown method {method!r}")
+    return params
+
+
+def _scores(metrics: dict[str, Any], dotted: str) -> dict[str, float]:
+    value: Any = metrics
+    for part in dotted.split("."):
+        value = value[part]
+    return {key: float(value[key]) for key in KEYS}
+
+
+def stage_seconds(output: str) -> dict[str, float]:
+    """Each stage's own wall time, from the ``<stage> INFO finished in N s`` lines the stages log."""
+    return {stage: float(seconds) for stage, seconds in re.findall(r" (\w+) INFO finished in ([\d.]+) s", output)}
+
+
+def run_one(project: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``params`` into the project, reproduces it, and returns its test metrics and times."""
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    started = time.perf_counter()
+    result = dvc("repro", cwd=project)
+    seconds = round(time.perf_counter() - started, 1)
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    return {"seconds": seconds, "stage_seconds": stage_seconds(result.stdout + result.stderr), "metrics": metrics}
+
+
+CODE = ("weakseg", "stages", "dvc.yaml")
+
+
+def sync_code(project: Path) -> str:
+    """Copies the pipeline's code into the benchmark's project and returns its fingerprint.
+
+    A finished run counts only for the code it ran with; DVC re-runs the stages whose code changed.
+    """
+    digest = hashlib.sha256()
+    for name in CODE:
+        source, target = PROJECT_ROOT / name, project / name
+        files = sorted(source.rglob("*.py")) if source.is_dir() else [source]
+        for path in files:
+            digest.update(str(path.relative_to(PROJECT_ROOT)).encode() + b"\0" + path.read_bytes())
+        if source.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            lines += [f"**{label}**: {results[name]['skipped']}", ""]
-    results["markdown"] = "\n".join(lines)
-    return results
+            shutil.copy2(source, target)
+    return digest.hexdigest()[:16]
+
+
+def _load_runs(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_runs(path: Path, runs: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(runs, indent=1, sort_keys=True))
+    os.replace(temporary, path)
+
+
+def run_dataset(
+    dataset: str, seeds: Sequence[int], runs: dict[str, Any], save: Callable[[], None], workspace: Path = WORKSPACE
+) -> None:
+    """Runs every trained row of one dataset for each seed, skipping runs already in ``runs``."""
+    project = workspace / dataset / "project"
+    if not (project / ".dvc").is_dir():
+        shutil.rmtree(project, ignore_errors=True)
+        make_project(project, PROJECT_ROOT / "params.yaml")
+    code = sync_code(project)
+    for seed in seeds:
+        for method in ("weakseg", "fully_supervised", "paper"):
+            key = f"{dataset}/{method}/{seed}"
+            params = method_params(dataset, method, seed)
+            if key in runs and runs[key].get("params") == params and runs[key].get("code") == code:
+                continue
+            twin = next(
+                (
+                    name
+                    for name, run in runs.items()
+                    if name.startswith(f"{dataset}/") and run.get("params") == params and run.get("code") == code
+                ),
+                None,
+            )
+            if twin is not None:
+                runs[key] = {**runs[twin], "same_as": twin, "seconds": 0.0}
+            else:
+                print(f"== {key}", file=sys.stderr, flush=True)
+                runs[key] = {"params": params, "code": code, **run_one(project, params)}
+            save()
+
+
+def quality_table(runs: dict[str, Any], datasets: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
+    """``results/quality.json`` from the finished runs: per dataset and row, one value per seed."""
+    table: dict[str, Any] = {}
+    for dataset in datasets:
+        methods: dict[str, dict[str, list[float]]] = {}
+        done = [seed for seed in seeds if f"{dataset}/weakseg/{seed}" in runs]
+        for seed in done:
+            weak = runs[f"{dataset}/weakseg/{seed}"]
+            for row, (path, _) in DERIVED_ROWS.items():
+                entry = methods.setdefault(row, {key: [] for key in (*KEYS, "seconds")})
+                for key, value in _scores(weak["metrics"], path).items():
+                    entry[key].append(round(value, 4))
+                entry["seconds"].append(weak["seconds"])
+            for row in TRAINED_ROWS:
+                run = runs.get(f"{dataset}/{row}/{seed}")
+                if run is None:
+                    continue
+                entry = methods.setdefault(row, {key: [] for key in (*KEYS, "seconds")})
+                for key, value in _scores(run["metrics"], "segmenter.vs_truth").items():
+                    entry[key].append(round(value, 4))
+                entry["seconds"].append(run["seconds"])
+        table[dataset] = {"seeds": done, "methods": {row: methods[row] for row in ROW_ORDER if row in methods}}
+    return table
+
+
+def regressions(table: dict[str, Any]) -> list[str]:
+    """The rows that break the quality floor, named (an empty list when all hold)."""
+    failures = []
+    for dataset, section in table.items():
+        methods = section["methods"]
+        if "weakseg" in methods and "tissue_if_classified_positive" in methods:
+            weak = statistics.mean(methods["weakseg"]["iou"])
+            trivial = statistics.mean(methods["tissue_if_classified_positive"]["iou"])
+            if weak < trivial:
+                failures.append(
+                    f"{dataset}: weakseg IoU {weak:.3f} is below tissue_if_classified_positive {trivial:.3f}"
+                )
+        if dataset == "ebhi-hgin-polyp" and "fully_supervised" in methods:
+            full = statistics.mean(methods["fully_supervised"]["iou"])
+            if full < FULLY_SUPERVISED_FLOOR:
+                failures.append(f"{dataset}: fully_supervised IoU {full:.3f} is below {FULLY_SUPERVISED_FLOOR}")
+    return failures
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The README's Results table: mean ± sd over the seeds, and what each row uses."""
+    machine = report["machine"]
+    lines = [
+        f"Test partition, against the true masks, pooled over every test pixel (negatives included); mean ± sd "
+        f"over the seeds listed. Measured by `make bench-quality` on {machine['cpu_cores']} CPU cores "
+        f"({machine['device']}, torch {machine['torch']}, {machine['date']}). `seconds`: wall time of the row's "
+        "`dvc repro` (stages restored from DVC's run cache, shared with an earlier row, cost nothing again).",
+        "",
+    ]
+    uses = {row: what for row, (_, what) in DERIVED_ROWS.items()} | TRAINED_ROWS
+    for dataset, section in report["datasets"].items():
+        lines += [f"**{dataset}** (seeds {', '.join(map(str, section['seeds'])) or 'none yet'})", ""]
+        lines += ["| method | uses | IoU | Dice | mIoU | seconds |", "| --- | --- | --- | --- | --- | --- |"]
+        for row, values in section["methods"].items():
+            seconds = f"{statistics.mean(values['seconds']):.0f}" if values["seconds"] else "—"
+            cells = " | ".join(_mean_sd(values[key]) for key in KEYS)
+            lines.append(f"| `{row}` | {uses[row]} | {cells} | {seconds} |")
+        lines.append("")
+    failures = report.get("regressions", [])
+    lines.append("Quality check: " + ("**fails**: " + "; ".join(failures) if failures else "passes") + ".")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(markdown: str, readme: Path = README) -> bool:
+    """Replaces the README's quality table between its markers; False when the markers are missing."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{markdown}{README_END}{tail}")
+    return True
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "cpu_cores": os.cpu_count(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs (or resumes) the benchmark, writes the results and the README table, and checks the floor."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="*", default=["demo", "ebhi-hgin-polyp"])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from the finished runs")
+    arguments = parser.parse_args(argv)
+    datasets = [name for name in arguments.datasets if name != "ebhi-hgin-polyp" or SHARED_DATA.is_dir()]
+    runs_file = WORKSPACE / "runs.json"
+    runs = _load_runs(runs_file)
+
+    def report() -> list[str]:
+        table = quality_table(runs, datasets, arguments.seeds)
+        failures = regressions(table)
+        result = {"machine": machine(), "datasets": table, "regressions": failures}
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+        markdown = to_markdown(result)
+        (RESULTS / "quality.md").write_text(markdown)
+        update_readme(markdown)
+        return failures
+
+    if not arguments.report_only:
+        for dataset in datasets:
+            run_dataset(dataset, arguments.seeds, runs, lambda: (_save_runs(runs_file, runs), report()))
+    failures = report()
+    for failure in failures:
+        print(f"quality check failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
+    raise SystemExit(main())

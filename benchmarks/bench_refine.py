@@ -62,6 +62,7 @@ def make_jobs(root: Path, count: int, size: int, seed: int = 0) -> list[TileJob]
             TileJob(
                 name=name,
                 positive=True,
+                refine=True,
                 image=root / "images" / name,
                 tissue=root / "tissue" / name,
                 cam=root / "cams" / name,

@@ -30,7 +30,6 @@ BENCHMARKS = [
     "bench_train_segmenter",
     "bench_predict",
     "bench_demo",
-    "bench_quality",
 ]
 
 # (benchmark, key in its result, comparison, target, what the issue asked)

@@ -1,5 +1,11 @@
 """Stage ``evaluate``: both models, the CAMs and the pseudo-masks scored on the test partition.
 
+Every row scores what the pipeline itself would output at test time: the thresholded CAM, the refined
+pseudo-mask and the trivial tissue baseline of a test tile count only where the classifier calls the tile
+positive (its label is not known at test time). Rows ending in ``_oracle_label`` gate by the true label
+instead, to show what the classifier's mistakes cost. The segmenter's ``vs_pseudo`` reference is the
+pseudo-mask gated by the label (the paper's protocol).
+
 Reads only test tiles. Writes ``metrics/evaluate.json`` (the names of ``../shared/PIPELINE.md``, plus the
 segmenter's tile-level decisions and tile counts), ``metrics/roc.csv`` and ``metrics/confusion.csv`` for
 ``dvc plots``, figures under ``figures/evaluate/``, and one MLflow run holding all of them.
@@ -63,7 +69,11 @@ class EvaluateInputError(UserInputError):
 
 @dataclass
 class TestTile:
-    """One scored test tile: its masks, and (for figure tiles only) its image and probability map."""
+    """One scored test tile: its masks, and (for figure tiles only) its image and probability map.
+
+    ``pseudo`` and ``cam_mask`` are ungated (refined and thresholded whatever the tile's label);
+    :func:`compute_metrics` gates them by the classifier or by the label.
+    """
 
     tile: Tile
     prediction: np.ndarray
@@ -96,10 +106,11 @@ def figure_selection(tiles: Sequence[Tile], per_class: int, seed: int) -> list[T
 
 def _score_tiles(
     params: StageParams, tiles: list[Tile], shown: set[str], device: torch.device | None = None
-) -> tuple[list[TestTile], bool]:
+) -> tuple[list[TestTile], bool, float]:
     """Runs both models over the test tiles and gathers every mask the metrics need.
 
-    ``device`` (a distributed rank's GPU) replaces ``evaluate.device`` when given.
+    ``device`` (a distributed rank's GPU) replaces ``evaluate.device`` when given. Returns the scored
+    tiles, whether true masks exist, and the segmenter head's tile threshold from its checkpoint.
     """
     settings = params.evaluate
     if device is None:
@@ -126,7 +137,8 @@ def _score_tiles(
     predictions = predict_images(images(), forward, segmenter.preprocessing, device, settings.batch_size)
     for index, prediction in tqdm(predictions, total=len(tiles), desc="evaluate: test tiles", leave=False):
         tile = tiles[index]
-        assert prediction.probability is not None
+        if prediction.probability is None:
+            raise EvaluateInputError(f"{SEGMENTER}: the model gave no probability map for {tile.name}")
         shape = prediction.probability.shape
         tissue = _check_shape(NORMALIZED / "tissue" / tile.name, read_mask(NORMALIZED / "tissue" / tile.name), shape)
         cam = _check_shape(CAMS / tile.name, read_gray(CAMS / tile.name), shape)
@@ -136,12 +148,7 @@ def _score_tiles(
         if params.refine.restrict_to_tissue:
             # The same post-processing as `predict`: lesion pixels are tissue by definition.
             predicted &= tissue
-        # As in refine_masks, a negative tile's CAM mask is empty: the image label gates the CAM.
-        cam_mask = (
-            threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
-            if tile.positive
-            else np.zeros(shape, dtype=bool)
-        )
+        cam_mask = threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
         record = TestTile(
             tile=tile,
             prediction=predicted,
@@ -156,45 +163,78 @@ def _score_tiles(
             record.image = read_rgb(NORMALIZED / "images" / tile.name)
             record.probability = prediction.probability
         scored.append(record)
-    return scored, has_truth
+    return scored, has_truth, segmenter.head_threshold
 
 
-def compute_metrics(scored: Sequence[TestTile], threshold: float, min_foreground_pixels: int, has_truth: bool) -> dict[str, Any]:
-    """Every number of ``metrics/evaluate.json`` from the scored tiles."""
+def gate(masks: Sequence[np.ndarray], keep: Sequence[bool]) -> list[np.ndarray]:
+    """Each mask where its tile is kept, an empty mask elsewhere."""
+    return [mask if kept else np.zeros_like(mask) for mask, kept in zip(masks, keep, strict=True)]
+
+
+def compute_metrics(
+    scored: Sequence[TestTile],
+    threshold: float,
+    min_foreground_pixels: int,
+    has_truth: bool,
+    head_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Every number of ``metrics/evaluate.json`` from the scored tiles.
+
+    ``threshold`` is both the pixel threshold and the classifier's decision threshold: a tile the
+    classifier calls negative gets empty CAM, pseudo-mask and baseline masks in the fair rows.
+    ``head_threshold`` is the segmenter head's tile threshold (its checkpoint's; ``threshold`` if None).
+    """
     labels = [record.tile.positive for record in scored]
+    classified_positive = [record.classifier_probability >= threshold for record in scored]
     areas = [float(np.count_nonzero(record.prediction)) for record in scored]
     predictions = [record.prediction for record in scored]
+    pseudo_reference = gate([record.pseudo for record in scored], labels)
     # "Positive when the predicted foreground exceeds N pixels": area >= N + 1 on integer counts.
     area_threshold = float(min_foreground_pixels) + 1.0
+    head_cut = threshold if head_threshold is None else float(head_threshold)
     result: dict[str, Any] = {
         "classifier": metrics.classification_scores(labels, [r.classifier_probability for r in scored], threshold),
-        "segmenter": {"vs_pseudo": metrics.segmentation_scores(predictions, [r.pseudo for r in scored], labels)},
+        "segmenter": {"vs_pseudo": metrics.segmentation_scores(predictions, pseudo_reference, labels)},
         "segmenter_tile": {
-            "head": metrics.classification_scores(labels, [r.head_probability for r in scored], threshold),
+            # The head decides at the threshold train_segmenter chose on validation (its checkpoint's).
+            "head": {
+                **metrics.classification_scores(labels, [r.head_probability for r in scored], head_cut),
+                "threshold": head_cut,
+            },
             "area": metrics.classification_scores(labels, areas, area_threshold),
         },
         "tiles": {
             "test": len(scored),
             "positive": int(sum(labels)),
             "negative": int(len(labels) - sum(labels)),
+            "classified_positive": int(sum(classified_positive)),
             "with_truth": len(scored) if has_truth else 0,
         },
         "settings": {"threshold": threshold, "min_foreground_pixels": min_foreground_pixels},
     }
-    # A trivial reference point: the whole tissue of every tile the classifier calls positive.
-    baseline = [
-        record.tissue if record.classifier_probability >= threshold else np.zeros_like(record.tissue)
-        for record in scored
-    ]
+    tissues = [record.tissue for record in scored]
+    # Trivial reference points: the whole tissue of every tile called positive (by the classifier: what
+    # the pipeline could output; by the label: what "lesion = tissue" scores with perfect tile labels).
+    baseline = gate(tissues, classified_positive)
     result["baseline"] = {
-        "tissue_if_classified_positive": {"vs_pseudo": metrics.segmentation_scores(baseline, [r.pseudo for r in scored], labels)}
+        "tissue_if_classified_positive": {"vs_pseudo": metrics.segmentation_scores(baseline, pseudo_reference, labels)}
     }
     if has_truth:
         truths = [record.truth for record in scored]
         result["baseline"]["tissue_if_classified_positive"]["vs_truth"] = metrics.segmentation_scores(baseline, truths, labels)
+        result["baseline"]["tissue_if_label_positive_oracle_label"] = {
+            "vs_truth": metrics.segmentation_scores(gate(tissues, labels), truths, labels)
+        }
         result["segmenter"]["vs_truth"] = metrics.segmentation_scores(predictions, truths, labels)
-        for key, masks in (("cam", [r.cam_mask for r in scored]), ("pseudo", [r.pseudo for r in scored])):
-            scores = metrics.segmentation_scores(masks, truths, labels)
+        cams = [record.cam_mask for record in scored]
+        pseudos = [record.pseudo for record in scored]
+        for key, masks, keep in (
+            ("cam", cams, classified_positive),
+            ("cam_oracle_label", cams, labels),
+            ("pseudo", pseudos, classified_positive),
+            ("pseudo_oracle_label", pseudos, labels),
+        ):
+            scores = metrics.segmentation_scores(gate(masks, keep), truths, labels)
             result[key] = {"vs_truth": {name: scores[name] for name in ("iou", "dice", "miou", "iou_positive_mean")}}
     return result
 
@@ -224,11 +264,15 @@ def _write_figures(folder: Path, shown: Sequence[TestTile], has_truth: bool, par
     error_rows: list[list[np.ndarray]] = []
     uncertainty_rows: list[list[np.ndarray]] = []
     for record in shown:
-        assert record.image is not None and record.probability is not None
+        if record.image is None or record.probability is None:
+            raise EvaluateInputError(f"{record.tile.name}: a figure tile was scored without its image and probability map")
         image, probability = record.image, record.probability
-        row = [image, record.pseudo]
-        if has_truth:
-            assert record.truth is not None
+        # What the figures show is what the metrics score: pseudo-masks gated by the label (the segmenter's
+        # reference), CAM and pseudo-mask errors gated by the classifier's decision.
+        pseudo_reference = record.pseudo if record.tile.positive else np.zeros_like(record.pseudo)
+        decided = record.classifier_probability >= threshold
+        row = [image, pseudo_reference]
+        if record.truth is not None:
             row.append(record.truth)
         row += [
             record.prediction,
@@ -237,10 +281,11 @@ def _write_figures(folder: Path, shown: Sequence[TestTile], has_truth: bool, par
             figures.overlay_heatmap(image, probability),
         ]
         overlay_rows.append(row)
-        reference = record.truth if has_truth and record.truth is not None else record.pseudo
+        reference = record.truth if record.truth is not None else pseudo_reference
         errors = [image, reference, record.prediction, figures.error_map(record.prediction, reference)]
         if has_truth:
-            errors += [figures.error_map(record.cam_mask, reference), figures.error_map(record.pseudo, reference)]
+            cam_mask, pseudo = gate([record.cam_mask, record.pseudo], [decided, decided])
+            errors += [figures.error_map(cam_mask, reference), figures.error_map(pseudo, reference)]
         error_rows.append(errors)
         certainty = figures.uncertainty(probability)
         uncertainty_rows.append(
@@ -261,7 +306,7 @@ def _write_figures(folder: Path, shown: Sequence[TestTile], has_truth: bool, par
     )
     against = "true masks" if has_truth else "pseudo-masks"
     error_columns = ["tile", against, "segmenter", "segmenter errors"] + (
-        ["thresholded CAM errors", "pseudo-mask errors"] if has_truth else []
+        ["thresholded CAM errors (classifier-gated)", "pseudo-mask errors (classifier-gated)"] if has_truth else []
     )
     figures.save_figure(
         folder / "error_maps.png",
@@ -331,17 +376,19 @@ def _evaluate(params: StageParams, context: DistributedContext | None) -> None:
     shown = {tile.name for tile in selected}
     try:
         if context is None or not context.enabled:
-            scored, has_truth = _score_tiles(params, tiles, shown)
+            scored, has_truth, head_threshold = _score_tiles(params, tiles, shown)
         else:
             # Each rank scores every world_size-th tile; rank 0 puts them back in order and goes on alone.
-            share, has_truth = _score_tiles(params, shard(tiles, context), shown, context.device)
+            share, has_truth, head_threshold = _score_tiles(params, shard(tiles, context), shown, context.device)
             shares = gather_objects(share, context)
             if not context.is_main:
                 return
             scored = unshard(shares, len(tiles))
     except InferenceError as error:
         raise EvaluateInputError(str(error)) from None
-    result = compute_metrics(scored, settings.threshold, settings.min_foreground_pixels, has_truth)
+    result = compute_metrics(
+        scored, settings.threshold, settings.min_foreground_pixels, has_truth, head_threshold=head_threshold
+    )
     labels = [record.tile.positive for record in scored]
     classifier_scores = [record.classifier_probability for record in scored]
     roc_curves = [

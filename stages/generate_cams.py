@@ -1,8 +1,15 @@
-"""The ``generate_cams`` stage: a CAM heatmap per tile (both partitions) from the trained classifier.
+"""The ``generate_cams`` stage: a CAM heatmap of the positive class per tile, from the trained classifier.
 
 Reads ``models/classifier.pt`` and ``data/normalized/{images,annotations.csv}``; writes
-``data/cams/NAME.png``, 8-bit grey heatmaps (0..255 = 0..1) of the tile's size, for the tile's
-ground-truth class (the logit for positive tiles, the negated logit for negative ones).
+``data/cams/NAME.png``, 8-bit grey heatmaps (0..255 = 0..1) of the tile's size, of where the classifier
+sees the positive class (its logit), for:
+
+- every positive train tile (the pseudo-masks are refined from them);
+- every test tile, whatever its label: at test time the pipeline does not know the label, so
+  ``evaluate`` gates the CAM by the classifier's decision;
+- negative train tiles only when ``cam.negative_train_tiles`` asks (their pseudo-masks are empty by their
+  label, so their CAMs would cost about two thirds of the stage on MHIST's balance for nothing), except
+  the one negative tile that ``refine_masks``'s figure shows.
 
 Started by ``torchrun`` (``torchrun --nproc-per-node=N -m stages.generate_cams``), each process computes
 the CAMs of every N-th batch (each GPU its own, on GPUs) and rank 0 gathers and writes them; the batches
@@ -23,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from weakseg.cam import cam_to_uint8, compute_cams
-from weakseg.data.layout import Tile, read_annotations
+from weakseg.data.layout import Tile, figure_negative_tile, read_annotations
 from weakseg.errors import UserInputError
 from weakseg.io import atomic_directory, read_rgb, write_png
 from weakseg.models import load_checkpoint, model_from_checkpoint
@@ -92,6 +99,16 @@ def batch_plan(tiles: list[Tile], images_folder: Path, batch_size: int) -> list[
     return plan
 
 
+def tiles_needing_cams(tiles: list[Tile], negative_train_tiles: bool) -> list[Tile]:
+    """The tiles whose CAM is computed, in annotation order (see the module docstring)."""
+    shown = figure_negative_tile(tiles)
+    return [
+        tile
+        for tile in tiles
+        if tile.positive or tile.partition == "test" or negative_train_tiles or tile == shown
+    ]
+
+
 def run(params: StageParams) -> None:
     """Computes and writes the CAM of every tile (sharded over the processes when started by torchrun)."""
     if not launched_by_torchrun():
@@ -119,7 +136,9 @@ def _generate(params: StageParams, context: DistributedContext | None) -> None:
         )
     model = model_from_checkpoint(checkpoint)
     device = select_device(cam_params.device) if context is None else context.device
-    tiles = read_annotations(NORMALIZED / "annotations.csv", positive_label)
+    tiles = tiles_needing_cams(
+        read_annotations(NORMALIZED / "annotations.csv", positive_label), cam_params.negative_train_tiles
+    )
     images_folder = NORMALIZED / "images"
     if context is not None and context.enabled:
         _generate_sharded(params, context, model, checkpoint, tiles, images_folder, device)
@@ -134,7 +153,7 @@ def _generate(params: StageParams, context: DistributedContext | None) -> None:
             cams = compute_cams(
                 model,
                 images,
-                [tile.positive for tile in batch_tiles],
+                [True] * len(batch_tiles),  # the positive class's evidence, whatever the label
                 method=cam_params.method,
                 target_layer=cam_params.target_layer,
                 num_samples=cam_params.num_samples,
@@ -198,7 +217,7 @@ def _generate_sharded(
                 cams = compute_cams(
                     model,
                     images,
-                    [tile.positive for tile in batch_tiles],
+                    [True] * len(batch_tiles),  # the positive class's evidence, whatever the label
                     method=cam_params.method,
                     target_layer=cam_params.target_layer,
                     num_samples=cam_params.num_samples,

@@ -1,8 +1,12 @@
 """The ``refine_masks`` stage: CAM -> pseudo-mask for every tile, with step-by-step diagnostics.
 
 Reads ``data/cams``, ``data/normalized/{images,tissue,annotations.csv}`` and, where it exists,
-``data/raw/masks`` (truth, only to score). Writes ``data/pseudo_masks/NAME.png`` (0/255, empty on negative
-tiles), ``metrics/pseudo_masks.json`` and ``figures/refine_masks/contact_sheet.png``.
+``data/raw/masks`` (truth, only to score). Writes ``data/pseudo_masks/NAME.png`` (0/255),
+``metrics/pseudo_masks.json`` and ``figures/refine_masks/contact_sheet.png``.
+
+A negative train tile's pseudo-mask is empty (its label says so; its CAM is not read). Test tiles are
+refined whatever their label, since the pipeline does not know it at test time: ``evaluate`` gates them by
+the classifier's decision (and, for the ``_oracle_label`` rows and the pseudo-mask reference, by the label).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from weakseg.data.layout import PARTITIONS, Tile, read_annotations
+from weakseg.data.layout import PARTITIONS, Tile, pick_figure_tiles, read_annotations
 from weakseg.errors import UserInputError
 from weakseg.figures import heatmap, overlay_mask, save_figure
 from weakseg.io import atomic_directory, read_gray, read_mask, read_rgb, write_json, write_png
@@ -79,6 +83,7 @@ class TileJob:
 
     name: str
     positive: bool
+    refine: bool  # False: an empty pseudo-mask without reading the CAM (a negative train tile)
     image: Path
     tissue: Path
     cam: Path
@@ -114,8 +119,12 @@ def load_tile(job: TileJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def refine_tile(job: TileJob, settings: RefineSettings) -> TileResult:
     """Refines one tile, writes its pseudo-mask, and scores each step against the truth where it exists."""
+    if not job.refine:
+        tissue = read_mask(job.tissue)
+        write_png(job.output, np.zeros(tissue.shape, dtype=bool))
+        return TileResult(name=job.name, positive=job.positive, foreground_fraction=0.0, tissue_fraction=0.0)
     cam, image, tissue = load_tile(job)
-    steps = refine_pseudo_mask(cam, image, tissue, job.positive, settings)
+    steps = refine_pseudo_mask(cam, image, tissue, True, settings)
     write_png(job.output, steps.refined)
     result = TileResult(
         name=job.name,
@@ -207,9 +216,10 @@ def summarize(
     """``metrics/pseudo_masks.json``: coverage per partition and class, and per-step truth scores.
 
     Truth scores are over positive tiles of each partition: pooled ``iou``/``dice`` (confusion counts
-    summed over pixels) and ``iou_positive_mean`` (mean per-tile IoU). Negative tiles are empty by
-    construction, so they add nothing but true negatives. ``steps`` names the steps to report (``crf`` is
-    left out when the CRF is off, as it would repeat ``morphology``).
+    summed over pixels) and ``iou_positive_mean`` (mean per-tile IoU). Negative train tiles are empty by
+    construction; negative test tiles are refined like any test tile (``negative_nonempty_tiles`` counts
+    those with a mask, which ``evaluate`` then gates by the classifier's decision). ``steps`` names the
+    steps to report (``crf`` is left out when the CRF is off, as it would repeat ``morphology``).
     """
     partition_of = {tile.name: tile.partition for tile in tiles}
     report: dict[str, Any] = {"tiles": len(results), "has_truth": has_truth}
@@ -251,31 +261,6 @@ def summarize(
     return report
 
 
-def pick_figure_tiles(tiles: Sequence[Tile], count: int) -> list[Tile]:
-    """Up to ``count`` positive tiles spread over the name order, then one negative tile.
-
-    Train-partition tiles are preferred (the figure is for looking at the training signal); test tiles are
-    used only where the train partition has none of a class.
-    """
-    if count <= 0:
-        return []
-
-    def candidates(positive: bool) -> list[Tile]:
-        members = sorted((tile for tile in tiles if tile.positive == positive), key=lambda tile: tile.name)
-        train = [tile for tile in members if tile.partition == "train"]
-        return train or members
-
-    positives = candidates(True)
-    negatives = candidates(False)
-    chosen: list[Tile] = []
-    if positives:
-        indices = np.linspace(0, len(positives) - 1, num=min(count, len(positives))).round().astype(int)
-        chosen.extend(positives[index] for index in dict.fromkeys(indices.tolist()))
-    if negatives:
-        chosen.append(negatives[0])
-    return chosen
-
-
 def contact_sheet(
     path: Path,
     jobs: Sequence[TileJob],
@@ -288,7 +273,7 @@ def contact_sheet(
     titles: list[str] = []
     for job in jobs:
         cam, image, tissue = load(job)
-        steps: RefinementSteps = refine_pseudo_mask(cam, image, tissue, job.positive, settings)
+        steps: RefinementSteps = refine_pseudo_mask(cam, image, tissue, job.refine, settings)
         row = [
             image,
             heatmap(cam.astype(np.float64) / 255.0),
@@ -335,6 +320,7 @@ def run(params: StageParams) -> None:
             TileJob(
                 name=tile.name,
                 positive=tile.positive,
+                refine=tile.positive or tile.partition == "test",
                 image=NORMALIZED / "images" / tile.name,
                 tissue=NORMALIZED / "tissue" / tile.name,
                 cam=CAMS / tile.name,

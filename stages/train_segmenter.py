@@ -1,8 +1,9 @@
 """Stage ``train_segmenter``: DeepLabv3+ on the refined pseudo-masks of the train partition.
 
 Reads ``data/normalized/images``, ``data/normalized/annotations.csv`` and ``data/pseudo_masks`` (train
-partition only; test tiles are never decoded). Writes ``models/segmenter.pt``, ``metrics/segmenter.json``,
-``metrics/segmenter_history.csv`` and an MLflow run.
+partition only; test tiles are never decoded). With ``segmenter.targets: truth`` it reads the true masks
+(``data/raw/masks``) instead: the fully supervised reference, never the default. Writes
+``models/segmenter.pt``, ``metrics/segmenter.json``, ``metrics/segmenter_history.csv`` and an MLflow run.
 
 With ``segmenter.distributed.processes_per_node > 1`` the stage re-launches itself under PyTorch's
 elastic launcher; under ``torchrun`` (that re-launch, or a user's multi-node command) every process trains
@@ -41,6 +42,7 @@ from weakseg.training.segmenter import SegmenterData, train_segmenter
 STAGE = "train_segmenter"
 NORMALIZED = Path("data/normalized")
 PSEUDO_MASKS = Path("data/pseudo_masks")
+TRUE_MASKS = Path("data/raw/masks")
 CHECKPOINT = Path("models/segmenter.pt")
 METRICS = Path("metrics/segmenter.json")
 HISTORY = Path("metrics/segmenter_history.csv")
@@ -52,13 +54,30 @@ class SegmenterInputError(UserInputError):
     """Raised when the segmenter's inputs do not fit together."""
 
 
-def _load_split(tiles: list[Any], description: str) -> SegmenterData:
+def target_masks_folder(targets: str) -> Path:
+    """Where ``segmenter.targets`` takes the training masks from; checked before any training starts.
+
+    Raises:
+        SegmenterInputError: ``truth`` on a dataset without pixel truth (``data/raw/masks``).
+    """
+    if targets == "pseudo":
+        return PSEUDO_MASKS
+    if not TRUE_MASKS.is_dir():
+        raise SegmenterInputError(
+            f"segmenter.targets is 'truth', but the dataset has no true masks ({TRUE_MASKS} does not exist); "
+            "use segmenter.targets: pseudo"
+        )
+    return TRUE_MASKS
+
+
+def _load_split(tiles: list[Any], description: str, masks_folder: Path) -> SegmenterData:
     images = load_tiles(NORMALIZED / "images", tiles, f"loading {description} tiles")
-    masks = load_masks(PSEUDO_MASKS, tiles, f"loading {description} pseudo-masks")
+    kind = "pseudo-masks" if masks_folder == PSEUDO_MASKS else "true masks"
+    masks = load_masks(masks_folder, tiles, f"loading {description} {kind}")
     for tile, image, mask in zip(tiles, images, masks, strict=True):
         if mask.shape != image.shape[:2]:
             raise SegmenterInputError(
-                f"{PSEUDO_MASKS / tile.name}: pseudo-mask is {mask.shape[1]}x{mask.shape[0]}, "
+                f"{masks_folder / tile.name}: mask is {mask.shape[1]}x{mask.shape[0]}, "
                 f"its tile is {image.shape[1]}x{image.shape[0]}"
             )
     return SegmenterData(images=images, masks=masks, positives=np.array([tile.positive for tile in tiles]))
@@ -73,6 +92,7 @@ def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
             ``segmenter.distributed.processes_per_node`` processes.
     """
     settings = params.segmenter
+    target_masks_folder(settings.targets)  # a dataset without truth fails here, before any process starts
     run_training_stage(
         f"stages.{STAGE}",
         "segmenter",
@@ -91,6 +111,7 @@ def _train(params: StageParams, context: DistributedContext) -> None:
     positive_label = params.data.positive_label
     configure_determinism()
     device = context.device
+    masks_folder = target_masks_folder(segmenter.targets)
 
     tiles = read_annotations(NORMALIZED / "annotations.csv", positive_label)
     try:
@@ -107,8 +128,8 @@ def _train(params: StageParams, context: DistributedContext) -> None:
             f"the segmenter has no pseudo-mask to learn from"
         )
     negative_labels = sorted({tile.label for tile in tiles if not tile.positive})
-    train = _load_split(train_tiles, "train")
-    validation = _load_split(validation_tiles, "validation")
+    train = _load_split(train_tiles, "train", masks_folder)
+    validation = _load_split(validation_tiles, "validation", masks_folder)
     tile_size = int(train.images.shape[1])
     if validation.images.shape[1:3] != train.images.shape[1:3]:
         raise SegmenterInputError(
@@ -145,7 +166,9 @@ def _train(params: StageParams, context: DistributedContext) -> None:
             "train_tiles": len(train_tiles),
             "validation_tiles": len(validation_tiles),
             "tile_size": tile_size,
+            "targets": segmenter.targets,
             **result.best_metrics,
+            "val_head": result.head.record(),
         }
         best_model = build_segmenter(segmenter.encoder, "none")
         best_model.load_state_dict(result.best_state_dict)
@@ -160,16 +183,24 @@ def _train(params: StageParams, context: DistributedContext) -> None:
             tile_size=tile_size,
             epoch=result.best_epoch,
             metrics={key: float(value) for key, value in result.best_metrics.items()},
+            head_threshold=float(result.head.threshold),
         )
         write_history(HISTORY, result.history)
         write_json(METRICS, metrics)
         tracking.log_metrics({f"best_{key}": value for key, value in result.best_metrics.items()})
-        tracking.log_metrics({"best_epoch": result.best_epoch})
+        tracking.log_metrics({"best_epoch": result.best_epoch, "val_head": result.head.record()})
         tracking.log_artifact(HISTORY)
         tracking.log_artifact(METRICS)
     logger.info(
         "best epoch %d: validation IoU %.4f, Dice %.4f (against pseudo-masks)",
         result.best_epoch, result.best_metrics["val_iou"], result.best_metrics["val_dice"],
+    )
+    head = result.head
+    (logger.warning if head.reason else logger.info)(
+        "head tile threshold %.4f (validation AUC %.3f, balanced accuracy %.3f, sensitivity %.3f, "
+        "specificity %.3f)%s",
+        head.threshold, head.metrics["auc"], head.metrics["balanced_accuracy"], head.metrics["sensitivity"],
+        head.metrics["specificity"], f"; {head.reason}" if head.reason else "",
     )
 
 

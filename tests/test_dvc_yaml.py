@@ -7,12 +7,14 @@ module that it imports, directly or through other modules (imports inside functi
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_MD = ROOT.parent / "shared" / "PIPELINE.md"
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGES = ["download", "normalize", "train_classifier", "generate_cams", "refine_masks", "train_segmenter", "evaluate"]
 
@@ -55,8 +57,41 @@ def _covered(path: Path, deps: list[str]) -> bool:
     return any(relative == Path(dep) or Path(dep) in relative.parents for dep in deps)
 
 
-def test_the_pipeline_has_the_seven_stages_in_order() -> None:
-    assert list(PIPELINE["stages"]) == STAGES
+def _contract_stages() -> list[str]:
+    """The stage names of PIPELINE.md's stage table, in its order (this module's list without the page)."""
+    if not PIPELINE_MD.is_file():
+        return STAGES
+    table = PIPELINE_MD.read_text().split("## Stages", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
+
+
+def _outputs(stage: dict) -> list[str]:
+    entries = []
+    for kind in ("outs", "metrics", "plots"):
+        for entry in stage.get(kind) or []:
+            entries.extend(entry.keys() if isinstance(entry, dict) else [entry])
+    return entries
+
+
+def test_the_pipeline_has_the_contract_stages_in_order() -> None:
+    assert list(PIPELINE["stages"]) == _contract_stages() == STAGES
+
+
+def test_every_stage_module_is_a_stage_that_runs_it() -> None:
+    modules = sorted(path.stem for path in (ROOT / "stages").glob("*.py") if path.stem != "__init__")
+    assert sorted(PIPELINE["stages"]) == modules
+    for name, stage in PIPELINE["stages"].items():
+        assert stage["cmd"].split() == ["python", "-m", f"stages.{name}"], name
+
+
+def test_each_stage_reads_only_data_written_by_a_stage_before_it() -> None:
+    """Listed in the order the data flows: every data or model dependency is an output of an earlier stage."""
+    written: list[str] = []
+    for name, stage in PIPELINE["stages"].items():
+        for dep in stage.get("deps") or []:
+            if dep.startswith(("data/", "models/")):
+                assert any(Path(dep) == Path(out) or Path(out) in Path(dep).parents for out in written), (name, dep)
+        written += _outputs(stage)
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -160,7 +160,11 @@ def test_evaluate_with_truth_writes_every_metric_and_plot(
     # Pseudo-masks equal the truth here, and the CAM is bright exactly on it: both score perfectly.
     assert result["pseudo"]["vs_truth"]["iou"] == 1.0
     assert result["cam"]["vs_truth"]["iou"] == 1.0
-    assert result["tiles"] == {"test": 6, "positive": 3, "negative": 3, "with_truth": 6}
+    tile_counts = dict(result["tiles"])
+    assert 0 <= tile_counts.pop("classified_positive") <= 6
+    assert tile_counts == {"test": 6, "positive": 3, "negative": 3, "with_truth": 6}
+    for oracle in ("cam_oracle_label", "pseudo_oracle_label", "baseline.tissue_if_label_positive_oracle_label"):
+        assert 0.0 <= _lookup(result, f"{oracle}.vs_truth.iou") <= 1.0  # type: ignore[operator]
 
     with open("metrics/roc.csv", newline="") as handle:
         roc = list(csv.DictReader(handle))
@@ -250,12 +254,14 @@ def test_tile_decisions_from_area_and_head_have_known_answers() -> None:
     assert (head["sensitivity"], head["specificity"]) == (0.5, 0.5)
     classifier = result["classifier"]
     assert (classifier["sensitivity"], classifier["specificity"], classifier["auc"]) == (1.0, 0.5, 1.0)
-    # A prediction equal to its pseudo-mask everywhere scores 1.0 (the empty negatives included).
-    assert result["segmenter"]["vs_pseudo"]["iou"] == 1.0
+    # The pseudo-mask reference is gated by the label: the 11 px predicted on the negative tile are false
+    # positives even where that tile's (ungated) refined mask holds them; the positives match exactly.
+    assert result["segmenter"]["vs_pseudo"]["iou"] == pytest.approx(35 / (35 + 11))
     # The trivial baseline paints all tissue (100 px) on the classifier's positives, the first three tiles:
-    # it covers their 30 + 5 + 0 pseudo-mask pixels and misses the fourth tile's 11, so IoU = 35 / (300 + 11).
+    # it covers the 30 + 5 px of the label-gated pseudo-masks (the negative fourth tile's reference is
+    # empty), so IoU = 35 / 300.
     baseline = result["baseline"]["tissue_if_classified_positive"]["vs_pseudo"]
-    assert baseline["iou"] == pytest.approx(35 / 311)
+    assert baseline["iou"] == pytest.approx(35 / 300)
 
 
 def test_figure_selection_is_seeded_and_balanced() -> None:
@@ -265,3 +271,83 @@ def test_figure_selection_is_seeded_and_balanced() -> None:
     assert [tile.positive for tile in first] == [True] * 4 + [False] * 4
     assert first != evaluate.figure_selection(tiles, 4, seed=4)
     assert len(evaluate.figure_selection(tiles[:2], 4, seed=0)) == 2  # fewer tiles than asked: all of them
+
+
+def test_head_decisions_use_the_checkpoint_threshold() -> None:
+    # Head probabilities 0.9 and 0.2 on positives, 0.1 and 0.6 on negatives: 0.5 calls the 0.6 negative
+    # positive; the stored 0.65 does not.
+    empty = np.zeros((10, 10), dtype=bool)
+    records = [
+        evaluate.TestTile(
+            tile=Tile(f"t{index}.png", "SSA" if positive else "HP", "test", positive),
+            prediction=empty,
+            pseudo=empty,
+            cam_mask=empty,
+            tissue=~empty,
+            truth=None,
+            classifier_probability=classifier,
+            head_probability=head,
+        )
+        for index, (positive, head, classifier) in enumerate(
+            [(True, 0.9, 0.8), (True, 0.2, 0.7), (False, 0.1, 0.6), (False, 0.6, 0.1)]
+        )
+    ]
+    head = evaluate.compute_metrics(records, 0.5, 10, has_truth=False, head_threshold=0.65)["segmenter_tile"]["head"]
+    assert (head["sensitivity"], head["specificity"], head["threshold"]) == (0.5, 1.0, 0.65)
+    # The classifier keeps evaluate.threshold.
+    classifier = evaluate.compute_metrics(records, 0.5, 10, has_truth=False, head_threshold=0.65)["classifier"]
+    assert classifier["specificity"] == 0.5
+
+
+def test_stage_reads_the_head_threshold_from_the_segmenter_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
+) -> None:
+    _build_project(tmp_path, with_truth=False)
+    path = tmp_path / "models/segmenter.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    torch.save({**payload, "head_threshold": 0.73}, path)
+    monkeypatch.chdir(tmp_path)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+    result = json.loads(Path("metrics/evaluate.json").read_text())
+    assert result["segmenter_tile"]["head"]["threshold"] == 0.73
+    assert result["settings"]["threshold"] == 0.5
+
+
+def _gated_record(name: str, positive: bool, truth: np.ndarray, cam_mask: np.ndarray, classifier_probability: float):  # type: ignore[no-untyped-def]
+    return evaluate.TestTile(
+        tile=Tile(name, "SSA" if positive else "HP", "test", positive),
+        prediction=truth.copy(),
+        pseudo=cam_mask.copy(),
+        cam_mask=cam_mask,
+        tissue=np.ones((TILE, TILE), dtype=bool),
+        truth=truth,
+        classifier_probability=classifier_probability,
+        head_probability=0.5,
+    )
+
+
+def test_cam_and_pseudo_rows_are_gated_by_the_classifier_not_the_label() -> None:
+    empty = np.zeros((TILE, TILE), dtype=bool)
+    lesion = _square(4)
+    false_alarm = _square(10)
+    records = [
+        _gated_record("p.png", True, lesion, lesion, 0.9),
+        # A negative tile whose CAM lights up and which the classifier calls positive: a false positive the
+        # pipeline would output at test time, so the fair rows must count it.
+        _gated_record("n1.png", False, empty, false_alarm, 0.8),
+        # Called negative by the classifier: gated out, its CAM costs nothing.
+        _gated_record("n2.png", False, empty, false_alarm, 0.2),
+    ]
+    result = evaluate.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True)
+    lesion_pixels = int(lesion.sum())
+    expected = lesion_pixels / (lesion_pixels + int(false_alarm.sum()))
+    for row in ("cam", "pseudo"):
+        assert result[row]["vs_truth"]["iou"] == pytest.approx(expected)
+        assert result[f"{row}_oracle_label"]["vs_truth"]["iou"] == 1.0
+    assert result["tiles"]["classified_positive"] == 2
+    # The tissue baselines: the classifier's two positive calls, or the one truly positive tile.
+    tissue = TILE * TILE
+    assert result["baseline"]["tissue_if_classified_positive"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / (2 * tissue))
+    assert result["baseline"]["tissue_if_label_positive_oracle_label"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / tissue)
+    # The segmenter's pseudo-mask reference is gated by the label: the negative tiles' masks are empty.
+    assert result["segmenter"]["vs_pseudo"]["iou"] == 1.0

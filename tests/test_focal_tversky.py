@@ -1,9 +1,10 @@
-"""Focal Tversky loss against hand-computed values, its asymmetry, and its gradients."""
+"""Focal Tversky loss against hand-computed values and smp's TverskyLoss, its asymmetry, and its gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from segmentation_models_pytorch.losses import TverskyLoss
 
 from weakseg.losses.focal_tversky import FocalTverskyLoss, focal_tversky_loss, tversky_index
 
@@ -72,6 +73,45 @@ def test_gradient_pushes_probabilities_towards_targets() -> None:
     FocalTverskyLoss()(logits, TARGETS).backward()
     gradient = logits.grad
     assert (gradient[TARGETS == 1] < 0).all() and (gradient[TARGETS == 0] > 0).all()
+
+
+def _smp_equivalent(alpha: float, beta: float, gamma: float, smooth: float) -> TverskyLoss:
+    """smp's TverskyLoss with weakseg's parameters mapped (see the module docstring)."""
+    return TverskyLoss(mode="binary", from_logits=True, alpha=beta, beta=alpha, gamma=1.0 / gamma, smooth=smooth)
+
+
+# (alpha, beta, gamma, smooth): the paper's values with and without smoothing, the soft Dice loss, and an
+# asymmetric setting with gamma < 1, so a swapped alpha/beta or gamma (not 1 / gamma) would show.
+SETTINGS = [(0.7, 0.3, 1.33, 1.0), (0.7, 0.3, 1.33, 0.0), (0.5, 0.5, 1.0, 0.0), (0.2, 0.8, 0.75, 0.5)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_smp_tversky_loss_with_the_parameters_mapped(settings: tuple[float, ...], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    count = [7, 32, 256][seed]
+    logits = 2.0 * torch.randn(count, 1, generator=generator, dtype=torch.float64)
+    targets = (torch.rand(count, 1, generator=generator) < 0.35).double()
+    targets[0] = 1.0  # at least one positive tile: smp zeroes a batch without one (see below)
+    ours_logits = logits.float().requires_grad_()
+    theirs_logits = logits.clone().requires_grad_()
+    ours = FocalTverskyLoss(*settings)(ours_logits, targets.float())
+    theirs = _smp_equivalent(*settings)(theirs_logits, targets)
+    # Neither library's clamp acts here (1 - TI is far above 1e-7 and so is smp's denominator); what is
+    # left is weakseg's float32 arithmetic against smp's float64: a few float32 ulps of values near 0.5.
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_logits.grad.double(), theirs_logits.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_differs_from_smp_by_design_on_a_batch_without_positive_tiles() -> None:
+    # smp zeroes the loss of a class with no true pixel; weakseg's smoothed index still punishes false
+    # positives there (a classifier batch may hold only negative tiles).
+    logits = torch.tensor([[2.0], [1.0], [-1.0], [0.5]])
+    targets = torch.zeros(4, 1)
+    assert _smp_equivalent(0.7, 0.3, 1.33, 1.0)(logits, targets).item() == 0.0
+    assert FocalTverskyLoss(0.7, 0.3, 1.33, 1.0)(logits, targets).item() > 0.5
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import segmentation_models_pytorch as smp
+import torch
+from sklearn.metrics import roc_auc_score
 
 from weakseg import metrics
 
@@ -86,6 +89,52 @@ def test_empty_tile_set_is_defined() -> None:
     assert scores["iou"] == 1.0 and scores["tiles"] == 0
 
 
+def _random_masks(seed: int, tiles: int = 12, size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded predictions, truths and tile labels: random densities, some empty truths and predictions."""
+    rng = np.random.default_rng(seed)
+    predictions = rng.random((tiles, size, size)) < rng.uniform(0.0, 0.6, size=(tiles, 1, 1))
+    truths = rng.random((tiles, size, size)) < rng.uniform(0.0, 0.6, size=(tiles, 1, 1))
+    truths[rng.random(tiles) < 0.4] = False  # negative tiles: empty truth, false positives may remain
+    predictions[rng.random(tiles) < 0.2] = False
+    truths[0] = predictions[0] = False  # one tile empty in both
+    return predictions, truths, truths.reshape(tiles, -1).any(axis=1)
+
+
+def _smp_stats(predictions: np.ndarray, truths: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """segmentation_models_pytorch's per-tile confusion counts, shape (tiles, 1)."""
+    output, target = (torch.from_numpy(masks[:, None].astype(np.int64)) for masks in (predictions, truths))
+    return smp.metrics.get_stats(output, target, mode="binary")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pooled_scores_match_segmentation_models_pytorch(seed: int) -> None:
+    predictions, truths, positives = _random_masks(seed)
+    ours = metrics.segmentation_scores(list(predictions), list(truths), list(positives))
+    stats = _smp_stats(predictions, truths)
+    background = _smp_stats(~predictions, ~truths)
+    assert ours["iou"] == pytest.approx(float(smp.metrics.iou_score(*stats, reduction="micro")), abs=1e-6)
+    assert ours["dice"] == pytest.approx(float(smp.metrics.f1_score(*stats, reduction="micro")), abs=1e-6)
+    foreground_and_background = float(smp.metrics.iou_score(*stats, reduction="micro")) + float(
+        smp.metrics.iou_score(*background, reduction="micro")
+    )
+    assert ours["miou"] == pytest.approx(foreground_and_background / 2, abs=1e-6)
+    # The paper's protocol: per-tile IoU averaged over positive tiles ("micro-imagewise" in smp).
+    positive_stats = [counts[torch.from_numpy(positives)] for counts in stats]
+    imagewise = float(smp.metrics.iou_score(*positive_stats, reduction="micro-imagewise"))
+    assert ours["iou_positive_mean"] == pytest.approx(imagewise, abs=1e-6)
+
+
+def test_all_empty_tiles_score_one_where_smp_micro_gives_nan() -> None:
+    # The one documented difference: smp's pooled ("micro") ratio is 0/0 = NaN when no tile has foreground
+    # in prediction or truth; weakseg scores that 1.0 (nothing to find, nothing wrongly found), which is
+    # also what smp's own zero_division gives per tile.
+    empty = np.zeros((3, 8, 8), dtype=bool)
+    ours = metrics.segmentation_scores(list(empty), list(empty), [False] * 3)
+    stats = _smp_stats(empty, empty)
+    assert math.isnan(float(smp.metrics.iou_score(*stats, reduction="micro")))
+    assert ours["iou"] == ours["dice"] == float(smp.metrics.iou_score(*stats, reduction="micro-imagewise")) == 1.0
+
+
 def test_classification_scores_have_known_values() -> None:
     labels = [True, True, False, False, False]
     scores = [0.9, 0.4, 0.6, 0.2, 0.1]
@@ -124,6 +173,23 @@ def test_roc_points_are_monotone_and_their_area_is_the_auc(rng: np.random.Genera
     assert area == pytest.approx(metrics.roc_auc(labels, scores))
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_auc_matches_scikit_learn_on_random_scores_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(5, 200))
+    labels = rng.random(count) < rng.uniform(0.1, 0.9)
+    labels[:2] = [True, False]  # both classes present
+    scores = np.round(rng.random(count) + rng.uniform(0.0, 0.5) * labels, int(rng.integers(0, 3)))  # many ties
+    assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_auc_stays_defined_where_scikit_learn_refuses() -> None:
+    # Why weakseg keeps its own rank statistic: scikit-learn raises on one class and on infinite scores.
+    assert metrics.roc_auc([True, True], [0.2, 0.9]) == 0.5
+    assert metrics.roc_auc([True, False, True], [math.inf, -math.inf, 0.3]) == 1.0
+    assert math.isnan(metrics.roc_auc([True, False], [0.3, math.nan]))  # NaN scores give NaN, not an error
+
+
 def test_roc_points_of_a_small_example() -> None:
     points = metrics.roc_curve_points([True, False, True], [0.8, 0.5, 0.3])
     assert [(p["fpr"], p["tpr"], p["threshold"]) for p in points] == [
@@ -155,3 +221,49 @@ def test_roc_end_thresholds_bracket_scores_outside_zero_one() -> None:
     assert points[0]["threshold"] > 250.0 and (points[0]["fpr"], points[0]["tpr"]) == (0.0, 0.0)
     assert metrics.roc_curve_points([True], [1.0])[0]["threshold"] > 1.0
     assert metrics.roc_curve_points([False, False], [-2.0, -1.0])[-1]["threshold"] <= -2.0
+
+
+def test_balanced_accuracy_threshold_separates_shifted_scores() -> None:
+    # Every score is above 0.5 (an uncalibrated head): 0.5 calls every tile positive, specificity 0.
+    labels = [False, False, False, True, True, True]
+    scores = [0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+    threshold = metrics.best_balanced_accuracy_threshold(labels, scores)
+    assert threshold == pytest.approx(0.85)  # halfway between the highest negative and the lowest positive
+    assert metrics.classification_scores(labels, scores, threshold)["balanced_accuracy"] == 1.0
+    assert metrics.classification_scores(labels, scores, 0.5)["specificity"] == 0.0
+
+
+def test_balanced_accuracy_threshold_of_an_unseparable_set() -> None:
+    # Best balanced accuracy 5/6: cut at 0.35 (sensitivity 2/3, specificity 1) ...
+    labels = [False, True, False, True, True]
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert metrics.best_balanced_accuracy_threshold(labels, scores) == pytest.approx(0.35)
+    # ... and a tie, 0.75 at both cuts 0.1875 and 0.8125 (exactly as far from 0.5): the lower one wins.
+    tied = metrics.best_balanced_accuracy_threshold([False, True, False, True], [0.125, 0.25, 0.75, 0.875])
+    assert tied == 0.1875
+    # A tie between cuts 0.15 and 0.35 (both 0.75): the one closer to 0.5.
+    assert metrics.best_balanced_accuracy_threshold([False, True, False, True], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(0.35)
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores", "reason"),
+    [
+        ([True, True], [0.7, 0.9], "only positive"),
+        ([False, False], [0.7, 0.9], "only negative"),
+        ([], [], "no tile"),
+        ([False, True], [0.8, 0.8], "equal"),
+        ([True, False], [0.2, 0.9], "chance"),  # perfectly inverted: no cut beats 0.5
+    ],
+)
+def test_balanced_accuracy_threshold_falls_back_to_one_half_with_a_reason(
+    labels: list[bool], scores: list[float], reason: str
+) -> None:
+    choice = metrics.choose_balanced_accuracy_threshold(labels, scores)
+    assert choice.threshold == 0.5 and reason in choice.reason
+
+
+def test_balanced_accuracy_threshold_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="2 labels but 1 scores"):
+        metrics.choose_balanced_accuracy_threshold([True, False], [0.3])
+    with pytest.raises(ValueError, match="finite"):
+        metrics.choose_balanced_accuracy_threshold([True, False], [0.3, float("nan")])

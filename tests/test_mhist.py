@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from weakseg.data.layout import LayoutError, read_annotations
+from weakseg.data import mhist
 from weakseg.data.mhist import MhistSourceError, import_mhist, parse_md5sums, safe_extract
 from weakseg.params import MhistSourceParams
 
@@ -140,6 +141,46 @@ def test_safe_extract_refuses_absolute_paths(tmp_path: Path) -> None:
         handle.writestr("/etc/evil.png", b"x")
     with pytest.raises(MhistSourceError, match="evil.png"):
         safe_extract(archive, tmp_path / "out")
+
+
+def test_archive_with_too_many_members_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The member count is checked from the central directory: nothing is extracted."""
+    monkeypatch.setattr(mhist, "MAX_ARCHIVE_MEMBERS", 3)  # the fake images.zip holds 4 tiles
+    source = make_fake_mhist(tmp_path / "download", md5=False)
+    with pytest.raises(MhistSourceError, match=r"images\.zip: holds 4 members, more than the 3 allowed"):
+        import_mhist(_params(path=str(source)), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+    assert not list(tmp_path.rglob("MHIST_*.png"))
+
+
+def test_archive_declaring_too_many_bytes_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mhist, "MAX_ARCHIVE_BYTES", 10_000)
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        for index in range(3):  # 12,000 bytes of zeros that compress to almost nothing
+            handle.writestr(f"images/tile{index}.png", bytes(4_000))
+    with pytest.raises(MhistSourceError, match=r"big\.zip: declares 12,000 bytes uncompressed, more than the 10,000"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_member_declaring_a_huge_size_is_refused_before_writing(tmp_path: Path) -> None:
+    """A zip-bomb-like member: 16 real bytes, 4 GB declared in the central directory (real bounds)."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("images/bomb.png", b"x" * 16)
+    data = bytearray(archive.read_bytes())
+    central = data.index(b"PK\x01\x02")  # uncompressed size: 4 bytes at offset 24 of the header
+    data[central + 24 : central + 28] = (0xFFFF_FFF0).to_bytes(4, "little")
+    archive.write_bytes(bytes(data))
+    assert zipfile.ZipFile(archive).infolist()[0].file_size > mhist.MAX_MEMBER_BYTES
+    with pytest.raises(MhistSourceError, match=r"bomb\.zip: member 'images/bomb\.png' declares 4,294,967,280 bytes"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_png_names_the_file(tmp_path: Path) -> None:

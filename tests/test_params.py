@@ -53,7 +53,6 @@ def test_defaults_fill_missing_sections() -> None:
         ("data.source", "kaggle", r"data\.source: .*'synthetic', 'mhist' or 'folder'"),
         ("data.synthetic.label_noise", 0.5, r"data\.synthetic\.label_noise"),
         ("data.mhist.check_counts", "yes", r"data\.mhist\.check_counts"),
-        ("classifier.unfreeze.full_epoch", 1, r"full_epoch \(1\) must be >= frozen_epochs"),
         ("data.positive_label", "", r"data\.positive_label"),
     ],
 )
@@ -115,3 +114,84 @@ def test_stage_with_bad_params_writes_nothing_and_exits_2(
     error = capsys.readouterr().err
     assert key in error and "Traceback" not in error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml"]
+
+
+# ------------------------------------------------------------------------------- unfreeze schedule
+def _classifier(epochs: int, frozen_epochs: int, full_epoch: int, enabled: bool = True) -> dict[str, Any]:
+    raw = _project_params()
+    raw["classifier"]["epochs"] = epochs
+    raw["classifier"]["unfreeze"] = {"enabled": enabled, "frozen_epochs": frozen_epochs, "full_epoch": full_epoch}
+    return raw
+
+
+@pytest.mark.parametrize("full_epoch", [25, 30])
+def test_full_unfreeze_at_or_after_the_last_epoch_is_refused(full_epoch: int) -> None:
+    """Epochs run 0..24: a full_epoch of 25 would leave layer1 and the stem frozen for the whole run."""
+    with pytest.raises(ParamsError, match=r"classifier\.unfreeze\.full_epoch: must be < classifier\.epochs \(25\)"):
+        parse_params(_classifier(25, 5, full_epoch), "params.yaml")
+    parse_params(_classifier(25, 5, full_epoch, enabled=False))  # unused values are not checked
+    parse_params(_classifier(25, 5, 24))
+
+
+def test_frozen_epochs_after_full_epoch_is_refused_naming_the_key() -> None:
+    with pytest.raises(ParamsError, match=r"classifier\.unfreeze\.full_epoch: must be >= frozen_epochs \(8\)"):
+        parse_params(_classifier(25, 8, 7), "params.yaml")
+    parse_params(_classifier(25, 8, 7, enabled=False))
+
+
+def test_paper_preset_trains_every_group_well_before_the_end() -> None:
+    """With the paper preset's schedule the stem and layer1 train in the last epochs, not never."""
+    from weakseg.training.classifier import ALL_GROUPS, STEM_GROUP, trainable_groups
+
+    classifier = load_params(PROJECT_ROOT / "presets" / "paper-mhist.yaml").classifier
+    assert classifier.unfreeze.enabled
+    schedule = [trainable_groups(epoch, classifier.unfreeze) for epoch in range(classifier.epochs)]
+    assert schedule[0] == {"fc"}  # progressive: the pretrained backbone starts frozen
+    assert schedule[-1] == set(ALL_GROUPS)
+    assert sum(STEM_GROUP in groups for groups in schedule) >= 5
+
+
+# ---------------------------------------------------------------------------- declared keys only
+def test_a_declared_key_does_not_open_its_section() -> None:
+    """Declaring refine.threshold_quantile gives that key, not refine.crf (DVC would not track it)."""
+    view = StageParams(load_params(PROJECT_ROOT / "params.yaml"), ["refine.threshold_quantile", "evaluate"], "evaluate")
+    assert view.refine.threshold_quantile == 0.5
+    assert view.evaluate.threshold == 0.5  # a whole section gives everything under it
+    with pytest.raises(ParamsError, match=r"stage 'evaluate' reads params 'refine\.crf' but dvc\.yaml does not"):
+        _ = view.refine.crf
+    with pytest.raises(ParamsError, match="refine.restrict_to_tissue"):
+        _ = view.refine.restrict_to_tissue
+    assert view.to_flat_dict() == {"refine.threshold_quantile": 0.5} | {
+        f"evaluate.{key}": value for key, value in view.evaluate.model_dump().items()
+    }
+
+
+def test_undeclared_nested_key_read_names_the_stage(tmp_path: Path) -> None:
+    """A stage declaring data.positive_label cannot read data.source through the view dvc.yaml gives it."""
+    view = load_stage_params("normalize", PROJECT_ROOT / "params.yaml", PROJECT_ROOT / "dvc.yaml")
+    assert view.data.positive_label == "SSA"
+    with pytest.raises(ParamsError, match=r"stage 'normalize' reads params 'data\.source'"):
+        _ = view.data.source
+    with pytest.raises(ParamsError, match=r"stage 'normalize' reads params 'data\.synthetic'"):
+        _ = view.data.synthetic.seed
+    assert not any(key.startswith("data.") and key != "data.positive_label" for key in view.to_flat_dict())
+    with pytest.raises(AttributeError, match="read-only"):
+        view.data.positive_label = "HP"
+
+
+def test_every_params_read_in_the_stages_is_declared_in_dvc_yaml() -> None:
+    """Each literal ``params.a.b`` in stages/<stage>.py resolves through that stage's declared view."""
+    import re
+
+    pattern = re.compile(r"(?<![\w.])params((?:\.[a-z_]+)+)")
+    for script in sorted((PROJECT_ROOT / "stages").glob("*.py")):
+        if script.stem == "__init__":
+            continue
+        view = load_stage_params(script.stem, PROJECT_ROOT / "params.yaml", PROJECT_ROOT / "dvc.yaml")
+        for match in pattern.finditer(script.read_text()):
+            names = match.group(1).strip(".").split(".")
+            if names[0] in {"to_flat_dict", "declared"}:
+                continue
+            value: Any = view
+            for name in names:
+                value = getattr(value, name)  # ParamsError names the stage and the undeclared key

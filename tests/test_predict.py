@@ -12,12 +12,16 @@ import torch
 from weakseg import predict
 from weakseg.io import read_gray, read_mask, read_rgb, write_png
 from weakseg.models import build_classifier, build_segmenter, save_checkpoint
-from weakseg.stain import StainReference, save_stain_reference
+from weakseg.stain import StainReference, StainReferenceError, save_stain_reference
 from weakseg.training.common import preprocessing_record
 
 TILE = 64
 LOGIT = 3.0  # the constant model's pixel logit: p = sigmoid(3) ~ 0.953, stored as 243 in the 8-bit map
 PURPLE = np.array([150, 80, 160], dtype=np.uint8)
+DEFAULT_SETTINGS = {
+    "tissue": predict.default_normalization().tissue,
+    "min_tissue_fraction": predict.default_normalization().min_tissue_fraction,
+}
 
 
 def _constant_segmenter(path: Path) -> None:
@@ -98,7 +102,7 @@ def test_unreadable_file_is_named_skipped_and_fails_the_run(
     (inputs / "broken.png").write_bytes(b"\x89PNG truncated")
     write_png(inputs / "c.png", _tissue_image(TILE, TILE, rng))
     reference = StainReference(np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]), np.array([1.9, 1.0]))
-    save_stain_reference(tmp_path / "reference.json", reference)
+    save_stain_reference(tmp_path / "reference.json", reference, settings=DEFAULT_SETTINGS)
 
     status = predict.main(
         ["--input", str(inputs), "--output", str(output), "--segmenter", str(models["segmenter"]),
@@ -145,3 +149,142 @@ def test_input_folder_problems_are_user_errors(tmp_path: Path) -> None:
     (tmp_path / "x.jpg").write_bytes(b"")
     with pytest.raises(predict.PredictInputError, match="collide"):
         predict.list_images(tmp_path)
+
+
+# ----------------------------------------------------------------- tiles prepared as normalize did
+NON_DEFAULT_TISSUE = {
+    "threshold_min": 0.3,
+    "threshold_max": 0.6,
+    "min_green_excess": 0.2,
+    "min_object_size": 16,
+    "min_hole_size": 16,
+}
+NON_DEFAULT_MIN_TISSUE_FRACTION = 0.4
+
+
+@pytest.fixture
+def normalized_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The normalize stage run with non-default tissue settings on stain-A tiles and one stain-B tile.
+
+    The stain-B tile has about 12 % stained pixels: normalized under the default ``min_tissue_fraction``
+    (0.05), passed through under the recorded 0.4.
+    """
+    from stages.normalize import run as normalize_run
+    from tests.test_normalize_stage import write_annotations, write_params
+    from tests.test_stain import STAINS_A, STAINS_B, concentration_fields, render
+    from weakseg.stage import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    images = tmp_path / "data/raw/images"
+    images.mkdir(parents=True)
+    rows = []
+    for index in range(4):
+        hematoxylin, eosin, _ = concentration_fields(48, seed=100 + index)
+        stains = STAINS_B if index == 0 else STAINS_A
+        write_png(images / f"train_{index}.png", render(hematoxylin, eosin, stains, seed=index, strength=0.8 + 0.1 * index))
+        rows.append((f"train_{index}.png", "SSA" if index % 2 else "HP", "train"))
+    write_annotations(tmp_path / "data/raw/annotations.csv", rows)
+    write_params(tmp_path, min_tissue_fraction=NON_DEFAULT_MIN_TISSUE_FRACTION, tissue=NON_DEFAULT_TISSUE, figure_tiles=0)
+    assert run_stage("normalize", normalize_run, argv=[]) == 0
+    return tmp_path
+
+
+def test_predict_prepares_tiles_exactly_as_the_normalize_stage_did(normalized_project: Path) -> None:
+    normalized = normalized_project / "data/normalized"
+    recorded = predict.load_normalization(normalized / "stain_reference.json")
+    assert recorded.min_tissue_fraction == NON_DEFAULT_MIN_TISSUE_FRACTION
+    assert {key: recorded.tissue[key] for key in NON_DEFAULT_TISSUE} == NON_DEFAULT_TISSUE
+    # What predict used before: the reference, but the default tissue settings and min_tissue_fraction.
+    defaults = predict.default_normalization()
+    with_defaults = predict.TileNormalization(recorded.reference, defaults.tissue, defaults.min_tissue_fraction, "defaults")
+    passed_through = 0
+    for index in range(4):
+        name = f"train_{index}.png"
+        raw = read_rgb(normalized_project / "data/raw/images" / name)
+        prepared = predict.prepare_image(raw, name, recorded)
+        stage_tile = read_rgb(normalized / "images" / name)
+        stage_mask = read_mask(normalized / "tissue" / name)
+        assert prepared.normalized.dtype == stage_tile.dtype and np.array_equal(prepared.normalized, stage_tile), name
+        assert prepared.tissue is not None and np.array_equal(prepared.tissue, stage_mask), name
+        passed_through += int(not prepared.stain_normalized)
+        # The settings matter: the default ones would give another mask on every tile.
+        old = predict.prepare_image(raw, name, with_defaults)
+        assert not np.array_equal(old.tissue, stage_mask), name
+        if index == 0:  # ... and would have normalized the tile the recorded 0.4 passes through
+            assert old.stain_normalized and not prepared.stain_normalized
+            assert not np.array_equal(old.normalized, stage_tile)
+    assert passed_through == 1
+
+
+def test_the_command_uses_the_recorded_tissue_settings(normalized_project: Path, models: dict[str, Path]) -> None:
+    output = normalized_project / "out"
+    reference = normalized_project / "data/normalized/stain_reference.json"
+    status = predict.main(
+        ["--input", str(normalized_project / "data/raw/images"), "--output", str(output), "--segmenter",
+         str(models["segmenter"]), "--stain-reference", str(reference), "--device", "cpu"]
+    )
+    assert status == 0
+    rows = _read_rows(output)
+    for index in range(4):
+        name = f"train_{index}.png"
+        stage_mask = read_mask(normalized_project / "data/normalized/tissue" / name)
+        assert rows[name]["tissue_fraction"] == f"{float(stage_mask.mean()):.6f}"
+        # The constant model is above 0.5 everywhere, so the mask is the tissue mask.
+        assert np.array_equal(read_mask(output / "masks" / name), stage_mask)
+    assert rows["train_0.png"]["stain_normalized"] == "0"
+
+
+def test_reference_without_tissue_settings_is_refused_naming_the_file(tmp_path: Path) -> None:
+    reference = StainReference(np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]), np.array([1.9, 1.0]))
+    save_stain_reference(tmp_path / "bare.json", reference)
+    with pytest.raises(StainReferenceError, match=r"bare\.json.*tissue"):
+        predict.load_normalization(tmp_path / "bare.json")
+    save_stain_reference(tmp_path / "odd.json", reference, settings={**DEFAULT_SETTINGS, "tissue": {"min_object_size": 4}})
+    with pytest.raises(StainReferenceError, match=r"odd\.json.*threshold_min"):
+        predict.load_normalization(tmp_path / "odd.json")
+    bad_values = {**DEFAULT_SETTINGS, "tissue": {**DEFAULT_SETTINGS["tissue"], "threshold_min": 0.5, "threshold_max": 0.2}}
+    save_stain_reference(tmp_path / "bad.json", reference, settings=bad_values)
+    with pytest.raises(StainReferenceError, match=r"bad\.json.*threshold_max"):
+        predict.load_normalization(tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------------------- head tile threshold
+HEAD_PROBABILITY = 0.7
+
+
+def _segmenter_with_head(path: Path, head_threshold: float | None) -> None:
+    """The constant segmenter, its head fixed at probability 0.7, with ``head_threshold`` stored (or none)."""
+    torch.manual_seed(0)
+    model = build_segmenter("resnet18")
+    linear = [module for module in model.network.classification_head.modules() if isinstance(module, torch.nn.Linear)][0]
+    with torch.no_grad():
+        model.network.segmentation_head[0].weight.zero_()
+        model.network.segmentation_head[0].bias.fill_(LOGIT)
+        linear.weight.zero_()
+        linear.bias.fill_(float(np.log(HEAD_PROBABILITY / (1 - HEAD_PROBABILITY))))
+    extra = {} if head_threshold is None else {"head_threshold": head_threshold}
+    save_checkpoint(path, "segmenter", "resnet18", model, preprocessing=preprocessing_record(TILE), **extra)
+
+
+def test_head_tile_decision_uses_the_checkpoint_threshold(
+    tmp_path: Path, rng: np.random.Generator, caplog: pytest.LogCaptureFixture
+) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png(inputs / "a.png", _tissue_image(TILE, TILE, rng))
+    decisions = {}
+    for name, stored in (("calibrated", 0.9), ("old", None)):
+        _segmenter_with_head(tmp_path / f"{name}.pt", stored)
+        argv = ["--input", str(inputs), "--output", str(tmp_path / name), "--segmenter", str(tmp_path / f"{name}.pt"),
+                "--stain-reference", "none", "--device", "cpu"]
+        with caplog.at_level("WARNING", logger="weakseg.inference"):
+            assert predict.main(argv) == 0
+        decisions[name] = _read_rows(tmp_path / name)["a.png"]
+    calibrated = decisions["calibrated"]
+    assert float(calibrated["tile_probability"]) == pytest.approx(HEAD_PROBABILITY, abs=1e-4)
+    # 0.7 is below the stored 0.9: negative, although it is above --threshold (0.5).
+    assert (calibrated["tile_threshold"], calibrated["tile_positive"]) == ("0.900000", "0")
+    # A checkpoint from before the threshold was stored: 0.5, with a warning naming the file.
+    assert (decisions["old"]["tile_threshold"], decisions["old"]["tile_positive"]) == ("0.500000", "1")
+    assert any("old.pt" in record.getMessage() and "head_threshold" in record.getMessage() for record in caplog.records)
+    assert not any("calibrated.pt" in record.getMessage() for record in caplog.records)

@@ -184,3 +184,21 @@ def test_foreground_fraction() -> None:
     assert foreground_fraction(mask) == 0.25
     assert foreground_fraction(mask, within) == 0.5
     assert foreground_fraction(mask, np.zeros((4, 4), dtype=bool)) == 0.0
+
+
+def test_the_crf_unary_and_the_threshold_share_one_cut() -> None:
+    """A saturated 8-bit CAM ties at its quantile: the tie rule keeps the tied pixels, and the CRF's
+    starting probability must call exactly those pixels foreground (above 0.5), not leave them at 0.5."""
+    from weakseg.refine import cam_foreground_probability, quantile_cut
+
+    cam = np.zeros((20, 20), dtype=np.uint8)
+    cam[:, :8] = 100
+    cam[:, 8:] = 255  # 60 % of the tile tied at the maximum, the median among them
+    values = cam.astype(np.float64) / 255.0
+    mask = threshold_cam(cam, None, quantile=0.5)
+    assert mask[:, 8:].all() and not mask[:, :8].any()  # the tie rule keeps the tied 60 %, nearer than 0 %
+    cut = quantile_cut(values, 0.5)
+    assert cut == pytest.approx(100 / 255)
+    np.testing.assert_array_equal(cam_foreground_probability(values, cut) > 0.5, mask)
+    # A flat CAM stays empty at the median (the strict side wins a tie of distances).
+    assert not threshold_cam(np.full((8, 8), 7, dtype=np.uint8), None, 0.5).any()

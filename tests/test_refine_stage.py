@@ -79,7 +79,10 @@ def test_stage_writes_masks_metrics_and_figure(
     tiles = write_project(tmp_path, SMALL)
     assert run_refine() == 0
     masks = {tile.name: read_mask(tmp_path / "data/pseudo_masks" / tile.name) for tile in tiles}
-    assert not masks["n1.png"].any() and not masks["n2.png"].any()
+    # A negative train tile's mask is empty by its label; a negative test tile is refined like any test tile
+    # (the pipeline does not know its label; evaluate gates it by the classifier's decision).
+    assert not masks["n1.png"].any()
+    assert masks["n2.png"][:, :20].all() and not masks["n2.png"][:, 20:].any()
     # The CAM covers the block exactly and its colour edge agrees: the pseudo-mask is the block.
     assert masks["p1.png"][:, :12].all() and not masks["p1.png"][:, 12:].any()
     assert masks["p2.png"][:, :20].all() and not masks["p2.png"][:, 20:].any()
@@ -88,12 +91,24 @@ def test_stage_writes_masks_metrics_and_figure(
     for partition in ("train", "test"):
         section = report[partition]
         assert section["positive_tiles"] == 1 and section["negative_tiles"] == 1
-        assert section["coverage"]["negative_nonempty_tiles"] == 0
+        assert section["coverage"]["negative_nonempty_tiles"] == (1 if partition == "test" else 0)
         assert set(section["vs_truth"]) == {"positive_tiles", "threshold", "morphology", "crf"}
         assert section["vs_truth"]["crf"]["iou"] == pytest.approx(1.0)
     assert report["train"]["coverage"]["positive"]["mean"] == pytest.approx(12 / 32)
     assert (tmp_path / "figures/refine_masks/contact_sheet.png").stat().st_size > 1000
     assert tracker.metrics["pseudo.train.vs_truth.crf.iou"] == pytest.approx(1.0)
+
+
+def test_negative_train_tiles_need_no_cam(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    """generate_cams skips negative train tiles; refine_masks must not read their (absent) CAMs."""
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, {**SMALL, "figure_tiles": 0})
+    (tmp_path / "data/cams/n1.png").unlink()
+    assert run_refine() == 0
+    assert read_mask(tmp_path / "data/pseudo_masks/n1.png").shape == (SIZE, SIZE)
+    assert not read_mask(tmp_path / "data/pseudo_masks/n1.png").any()
 
 
 def test_truth_metrics_per_step_on_hand_made_masks(

@@ -6,13 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 
-from weakseg.data.layout import read_annotations
+from stages import normalize
+from weakseg.data import synthetic
+from weakseg.data.layout import Tile, read_annotations
 from weakseg.data.synthetic import generate_dataset, render_tile
 from weakseg.io import read_mask, read_rgb
-from weakseg.params import SyntheticSourceParams
+from weakseg.params import NormalizeParams, SyntheticSourceParams
+from weakseg.stain import (
+    colour_features,
+    colour_separability_auc,
+    fit_stain_reference,
+    mean_optical_density,
+    normalize_tile,
+)
 
 
 def _small(**overrides: object) -> SyntheticSourceParams:
@@ -94,21 +101,88 @@ def test_colours_look_like_h_and_e() -> None:
     assert (pixels.min(axis=1) > 215).mean() > 0.05  # white lumens and glass
 
 
-def test_colour_histograms_cannot_separate_the_classes() -> None:
-    count, size = 150, 128
-    features, labels = [], []
-    for index in range(count):
-        positive = index % 3 == 0
-        image = render_tile(np.random.default_rng([2024, index]), size, positive).image
-        histograms = [np.histogram(image[..., channel], bins=8, range=(0, 256))[0] for channel in range(3)]
-        features.append(np.concatenate(histograms) / size**2)
-        labels.append(positive)
-    features, labels = np.array(features), np.array(labels)
-    order = np.random.default_rng(0).permutation(count)
-    train, test = order[: count // 2], order[count // 2 :]
-    model = LogisticRegression(max_iter=5000).fit(features[train], labels[train])
-    auc = roc_auc_score(labels[test], model.predict_proba(features[test])[:, 1])
-    assert auc < 0.75, f"colour alone separates the classes (AUC {auc:.3f})"
+def _gland_areas(serrated: bool, count: int = 200) -> np.ndarray:
+    """Mean (epithelium, lumen) pixels of ``count`` glands drawn as ``render_tile`` draws them (128 px tile)."""
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(count):
+        radius = 11.0 * rng.uniform(0.85, 1.15)
+        shape = synthetic._GlandShape(
+            centre_y=64.0,
+            centre_x=64.0,
+            radius=radius * (0.93 if serrated else 1.0),
+            aspect=float(rng.uniform(1.6, 2.1)) if serrated else float(rng.uniform(1.0, 1.12)),
+            orientation=float(rng.uniform(0, 2 * np.pi)),
+            serrated=serrated,
+            teeth=int(rng.integers(7, 10)),
+            tooth_phase=float(rng.uniform(0, 2 * np.pi)),
+            wobble_phase=float(rng.uniform(0, 2 * np.pi)),
+        )
+        compartments = np.full((128, 128), synthetic.STROMA, dtype=np.uint8)
+        unused = np.zeros((128, 128), dtype=bool)
+        synthetic._draw_gland(shape, compartments, unused, unused.copy(), nucleus_spacing=3.1)
+        areas.append([(compartments == synthetic.EPITHELIUM).sum(), (compartments == synthetic.LUMEN).sum()])
+    return np.mean(areas, axis=0)
+
+
+def test_serrated_glands_match_lumen_but_cover_less_area_than_regular_crypts() -> None:
+    """The README's account of the colour difference: same lumen, about a fifth less gland, more stroma."""
+    serrated, regular = _gland_areas(True), _gland_areas(False)
+    lumen_ratio = serrated[1] / regular[1]
+    epithelium_ratio = serrated[0] / regular[0]
+    gland_ratio = serrated.sum() / regular.sum()
+    assert 0.95 < lumen_ratio < 1.1, lumen_ratio
+    assert 0.65 < epithelium_ratio < 0.8, epithelium_ratio
+    assert 0.75 < gland_ratio < 0.85, gland_ratio
+
+
+def test_positive_tile_is_pinker_than_its_negative_twin_under_the_same_stains() -> None:
+    """One generator seed renders a tile both ways: same stains, light, tissue and gland lattice (all drawn
+    before anything that depends on the class), so any colour difference is composition, not stain."""
+    pinker = []
+    for index in range(20):
+        density = {
+            positive: mean_optical_density(render_tile(np.random.default_rng([99, index]), 128, positive).image)
+            for positive in (True, False)
+        }
+        # Eosin absorbs green far more than red; hematoxylin absorbs both: green minus red is eosin's share.
+        pinker.append((density[True][1] - density[True][0]) > (density[False][1] - density[False][0]))
+    assert all(pinker)
+
+
+def test_colour_only_auc_of_the_demo_before_and_after_normalization() -> None:
+    """The README's numbers, ``colour_separability`` of the demo's metrics/normalize.json: the normalize
+    stage's features, reference and cross-validated AUC on the train tiles of params.yaml's synthetic set."""
+    demo = SyntheticSourceParams(num_tiles=300, positive_fraction=0.31, test_fraction=0.31, tile_size=128, seed=0)
+    config = NormalizeParams()  # params.yaml's normalize section is the schema's defaults
+    positive, test, _ = synthetic._assignments(demo)
+    train = {
+        synthetic.tile_name(index): (
+            render_tile(np.random.default_rng([demo.seed, index]), demo.tile_size, bool(positive[index])).image,
+            bool(positive[index]),
+        )
+        for index in np.flatnonzero(~test)
+    }
+    tiles = [Tile(name, "SSA" if label else "HP", "train", label) for name, (_, label) in train.items()]
+    fit_on = normalize.choose_fit_tiles(tiles, config.fit_tiles, config.seed)
+    reference = fit_stain_reference(
+        [train[tile.name][0] for tile in fit_on],
+        background_intensity=config.background_intensity,
+        alpha=config.alpha,
+        beta=config.beta,
+        min_tissue_fraction=config.min_tissue_fraction,
+    )
+    labels = np.array([label for _, label in train.values()])
+    io = config.background_intensity
+    raw = np.stack([colour_features(image, background_intensity=io) for image, _ in train.values()])
+    normalized = np.stack(
+        [
+            colour_features(normalize_tile(image, reference, config.min_tissue_fraction)[0], background_intensity=io)
+            for image, _ in train.values()
+        ]
+    )
+    assert colour_separability_auc(raw, labels, seed=config.seed) == pytest.approx(0.70, abs=0.02)
+    assert colour_separability_auc(normalized, labels, seed=config.seed) == pytest.approx(0.87, abs=0.02)
 
 
 def test_equal_labels_are_refused(tmp_path: Path) -> None:

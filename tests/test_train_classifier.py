@@ -136,8 +136,8 @@ def test_trainable_groups_follow_the_schedule(epoch: int, expected: set[str]) ->
 
 def test_disabled_schedule_and_immediate_full_epoch_train_everything() -> None:
     assert loop.trainable_groups(0, UnfreezeParams(enabled=False)) == EVERYTHING
-    assert loop.trainable_groups(3, UnfreezeParams(frozen_epochs=3, full_epoch=3)) == EVERYTHING
-    assert loop.trainable_groups(2, UnfreezeParams(frozen_epochs=3, full_epoch=3)) == {"fc"}
+    assert loop.trainable_groups(3, UnfreezeParams(frozen_epochs=3, full_epoch=3, enabled=True)) == EVERYTHING
+    assert loop.trainable_groups(2, UnfreezeParams(frozen_epochs=3, full_epoch=3, enabled=True)) == {"fc"}
 
 
 def test_requires_grad_follows_the_groups_of_each_epoch() -> None:
@@ -165,7 +165,7 @@ def test_frozen_layers_and_their_batch_norm_statistics_do_not_change() -> None:
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     train_set, validation_set = _in_memory_datasets()
     params = ClassifierParams(
-        epochs=2, batch_size=4, unfreeze=UnfreezeParams(frozen_epochs=1, full_epoch=4, enabled=True)
+        epochs=3, batch_size=4, unfreeze=UnfreezeParams(frozen_epochs=1, full_epoch=2, enabled=True)
     )
     snapshots: list[dict[str, torch.Tensor]] = []
 
@@ -179,13 +179,15 @@ def test_frozen_layers_and_their_batch_norm_statistics_do_not_change() -> None:
         assert keys
         return any(not torch.equal(after[key], before[key]) for key in keys)
 
-    after_frozen, after_layer4 = snapshots
+    after_frozen, after_layer4, after_full = snapshots
     assert changed(after_frozen, initial, "fc.")
     for prefix in ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."):
         assert not changed(after_frozen, initial, prefix), prefix  # weights and running statistics
     assert changed(after_layer4, after_frozen, "layer4.")
     for prefix in ("conv1.", "bn1.", "layer1.", "layer2.", "layer3."):
         assert not changed(after_layer4, initial, prefix), prefix
+    for prefix in ("conv1.", "bn1.", "layer1."):  # from full_epoch on, the stem trains too
+        assert changed(after_full, after_layer4, prefix), prefix
 
 
 # ---------------------------------------------------------------------------------- data and loop
@@ -214,10 +216,29 @@ def test_drop_last_avoids_single_tile_batches() -> None:
 @pytest.mark.parametrize(
     ("metric", "candidate", "best", "expected"),
     [("loss", 0.4, 0.5, True), ("loss", 0.6, 0.5, False), ("auc", 0.6, 0.5, True), ("accuracy", 0.5, 0.5, False),
-     ("balanced_accuracy", 0.1, None, True), ("auc", float("nan"), 0.5, False)],
+     ("balanced_accuracy", 0.1, None, True), ("auc", float("nan"), 0.5, False),
+     # A NaN first epoch is the best only until a number comes: it must not block every later epoch.
+     ("auc", 0.6, float("nan"), True), ("loss", 0.6, float("nan"), True),
+     ("auc", float("nan"), float("nan"), False), ("auc", float("nan"), None, True)],
 )
 def test_selection_direction(metric: str, candidate: float, best: float | None, expected: bool) -> None:
     assert loop.is_better(metric, candidate, best) is expected
+
+
+def test_a_nan_first_epoch_does_not_block_the_best_later_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted_auc = iter([float("nan"), 0.6, 0.4])
+
+    def fake_scores(*args: object) -> dict[str, float]:
+        return {"loss": 1.0, "accuracy": 0.5, "balanced_accuracy": 0.5, "auc": next(scripted_auc)}
+
+    monkeypatch.setattr(loop, "validation_scores", fake_scores)
+    train_set, validation_set = _in_memory_datasets()
+    params = ClassifierParams(epochs=3, batch_size=4, selection_metric="auc")
+    torch.manual_seed(0)
+    result = loop.train_classifier(
+        models.build_classifier("resnet18", "none"), train_set, validation_set, params, 0, torch.device("cpu")
+    )
+    assert (result.best_epoch, result.best_scores["auc"]) == (1, 0.6)
 
 
 def test_majority_class_rate() -> None:

@@ -16,9 +16,10 @@ import yaml
 
 from stages import train_segmenter as stage
 from weakseg.data.layout import Tile, write_annotations
+from weakseg.inference import load_model
 from weakseg.io import write_png
 from weakseg.metrics import PixelCounts
-from weakseg.params import AugmentParams, CurriculumParams, SegmenterParams
+from weakseg.params import AugmentParams, CurriculumParams, SegmenterParams, StageParams, declared_params
 from weakseg.stage import run_stage
 from weakseg.training import segmenter as loop
 from weakseg.training.augment import build_augmentation
@@ -163,10 +164,35 @@ def test_missing_pseudo_mask_is_a_user_error_naming_the_file(
     assert not (project / "models/segmenter.pt").exists()
 
 
-def test_undeclared_params_are_not_read(project: Path) -> None:
-    """The stage declares seed, data.positive_label, split and segmenter; nothing else may be touched."""
-    document = yaml.safe_load((project / "dvc.yaml").read_text())
-    assert document["stages"]["train_segmenter"]["params"] == ["seed", "data.positive_label", "split", "segmenter"]
+class _SectionRecorder:
+    """Stands in for a params section of which dvc.yaml declares only some keys; records the keys read."""
+
+    def __init__(self, section: object, prefix: str, read: set[str]) -> None:
+        self._section, self._prefix, self._read = section, prefix, read
+
+    def __getattr__(self, name: str) -> object:
+        self._read.add(f"{self._prefix}.{name}")
+        return getattr(self._section, name)
+
+
+def test_stage_reads_exactly_the_params_that_dvc_yaml_declares(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC re-runs the stage when a declared key changes, so a key read but not declared is a stale result
+    waiting to happen, and a key declared but not read re-runs the stage for nothing."""
+    declared = declared_params("train_segmenter", project / "dvc.yaml")
+    read: set[str] = set()
+    original = StageParams.__getattr__
+
+    def recording(self: StageParams, name: str) -> object:
+        value = original(self, name)  # an undeclared section raises here, and the stage exits 2
+        read.add(name)
+        if any(entry.startswith(f"{name}.") for entry in declared):  # e.g. data.positive_label, not data
+            return _SectionRecorder(value, name, read)
+        return value
+
+    monkeypatch.setattr(StageParams, "__getattr__", recording)
+    assert run_stage("train_segmenter", stage.run, argv=[]) == 0
+    leaves = {key for key in read if not any(other.startswith(f"{key}.") for other in read)}
+    assert leaves == set(declared)
 
 
 def _tiny_data(count: int, seed: int) -> loop.SegmenterData:
@@ -249,3 +275,40 @@ def test_training_batches_never_leave_a_single_tile() -> None:
     assert [len(batch) for batch in loop.training_batches(np.arange(9), 4)] == [4, 5]
     assert [len(batch) for batch in loop.training_batches(np.arange(8), 4)] == [4, 4]
     assert loop.training_batches(np.arange(1), 4) == []
+
+
+class _ShiftedHead(torch.nn.Module):
+    """An uncalibrated head: logit 2 (p 0.881) on tiles without the dark blob, 4 (p 0.982) on tiles with it."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dark = (images[:, 0].flatten(1).min(dim=1).values < 0).float()  # normalized red below the mean
+        return torch.zeros(len(images), 1, *images.shape[2:]), (2.0 + 2.0 * dark)[:, None]
+
+
+def test_calibrate_head_moves_the_threshold_of_shifted_scores() -> None:
+    validation = _tiny_data(6, 2)
+    calibration = loop.calibrate_head(_ShiftedHead(), validation, batch_size=4, device=torch.device("cpu"))
+    low, high = 1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(-4.0))
+    assert calibration.threshold == pytest.approx((low + high) / 2, abs=1e-6)
+    assert calibration.reason == ""
+    assert calibration.metrics["balanced_accuracy"] == 1.0 and calibration.metrics["specificity"] == 1.0
+    # At 0.5 the same head would call every tile positive.
+    scores = loop.head_probabilities(_ShiftedHead(), validation.images, 4, torch.device("cpu"))
+    assert np.all(scores > 0.5) and calibration.record()["threshold"] == calibration.threshold
+
+
+def test_stage_stores_the_validation_head_threshold(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shifted head scores (0.8 negative, 0.95 positive tiles): the checkpoint holds their midpoint, not 0.5."""
+
+    def shifted(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+        return np.array([0.95 if (image[..., 0] < 130).any() else 0.8 for image in images])
+
+    monkeypatch.setattr(loop, "head_probabilities", shifted)
+    assert run_stage("train_segmenter", stage.run, argv=[]) == 0
+    payload = torch.load(project / "models/segmenter.pt", map_location="cpu", weights_only=True)
+    assert payload["head_threshold"] == pytest.approx(0.875)
+    head = json.loads((project / "metrics/segmenter.json").read_text())["val_head"]
+    assert head["threshold"] == pytest.approx(0.875)
+    assert (head["balanced_accuracy"], head["sensitivity"], head["specificity"], head["auc"]) == (1.0, 1.0, 1.0, 1.0)
+    loaded = load_model(project / "models/segmenter.pt", "segmenter", torch.device("cpu"))
+    assert loaded.head_threshold == pytest.approx(0.875)

@@ -16,7 +16,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["download", "normalize", "train_classifier", "generate_cams", "refine_masks", "train_segmenter", "evaluate"]
 # Outputs and local state, never copied from the developer's checkout.
-NOT_COPIED = {".venv", ".git", "data", "models", "metrics", "figures", "mlflow.db", "mlruns", ".pytest_cache", "results", "downloads"}
+NOT_COPIED = {".venv", ".git", ".bench", "data", "models", "metrics", "figures", "mlflow.db", "mlruns", ".pytest_cache", "results", "downloads"}
 
 
 def environment() -> dict[str, str]:

@@ -9,6 +9,7 @@ smaller than a window are padded by reflection and cropped back.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from weakseg.errors import UserInputError
 from weakseg.models import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, model_from_checkpoint
 
 Key = TypeVar("Key")
+
+LOGGER = logging.getLogger(__name__)
+# The segmenter head's tile threshold of checkpoints written before train_segmenter chose one on validation.
+DEFAULT_HEAD_THRESHOLD = 0.5
 
 # Edge weight of the blending window relative to its centre: small, so window borders (where the model
 # sees the least context) count little, but above zero, so pixels covered by one window only stay defined.
@@ -81,17 +86,38 @@ class LoadedModel:
         value = self.payload.get("negative_label")
         return str(value) if value is not None else None
 
+    @property
+    def head_threshold(self) -> float:
+        """A segmenter's tile threshold for its head's probability, chosen on validation by train_segmenter.
+
+        0.5 for a checkpoint that predates the choice (:func:`load_model` warns when it loads one).
+        """
+        return float(self.payload.get("head_threshold", DEFAULT_HEAD_THRESHOLD))
+
 
 def load_model(path: str | Path, kind: str, device: torch.device) -> LoadedModel:
     """Loads a checkpoint of ``kind`` ('classifier' or 'segmenter') onto ``device`` in eval mode.
 
+    A segmenter checkpoint without ``head_threshold`` (written before ``train_segmenter`` chose one) loads
+    with the 0.5 of that time and a warning: its masks do not depend on it, only its head's tile decisions.
+
     Raises:
         CheckpointError: naming the file if it is missing, unreadable or of another kind.
-        InferenceError: naming the file if it has no preprocessing record.
+        InferenceError: naming the file if it has no preprocessing record, or a head threshold outside (0, 1).
     """
     path = Path(path)
     payload = load_checkpoint(path, kind=kind)
     preprocessing = Preprocessing.from_checkpoint(payload, str(path))
+    if kind == "segmenter":
+        threshold = payload.get("head_threshold")
+        if threshold is None:
+            LOGGER.warning(
+                "%s: no head_threshold (a checkpoint from before train_segmenter chose it on validation); "
+                "the head's tile decisions use %.1f. Re-run train_segmenter for a calibrated one",
+                path, DEFAULT_HEAD_THRESHOLD,
+            )
+        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise InferenceError(f"{path}: head_threshold must be a number between 0 and 1, got {threshold!r}")
     model = model_from_checkpoint(payload).to(device)
     model.eval()
     return LoadedModel(model=model, preprocessing=preprocessing, payload=payload, path=path)
@@ -258,13 +284,13 @@ def _collect(batch: _LaunchedBatch[Key], weight: np.ndarray, window: int) -> Non
             if state.windows == 1:
                 state.probability = np.ascontiguousarray(pixels[index, : state.height, : state.width])
             else:
-                if state.logit_sum is None:
+                logit_sum, weight_sum = state.logit_sum, state.weight_sum
+                if logit_sum is None or weight_sum is None:  # the image's first window: both start together
                     padded_height, padded_width = max(state.height, window), max(state.width, window)
-                    state.logit_sum = np.zeros((padded_height, padded_width), dtype=np.float32)
-                    state.weight_sum = np.zeros((padded_height, padded_width), dtype=np.float32)
-                assert state.weight_sum is not None
-                state.logit_sum[top : top + window, left : left + window] += weight * pixels[index]
-                state.weight_sum[top : top + window, left : left + window] += weight
+                    logit_sum = state.logit_sum = np.zeros((padded_height, padded_width), dtype=np.float32)
+                    weight_sum = state.weight_sum = np.zeros((padded_height, padded_width), dtype=np.float32)
+                logit_sum[top : top + window, left : left + window] += weight * pixels[index]
+                weight_sum[top : top + window, left : left + window] += weight
         for name, values in tiles.items():
             state.tile_logit_max[name] = max(state.tile_logit_max.get(name, -np.inf), float(values[index]))
         state.windows_left -= 1

@@ -2,7 +2,9 @@
 
 Segmentation metrics are pooled: confusion counts are summed over every pixel of every tile (negative
 tiles included, so false positives on them count) before the ratio is taken. Every metric is defined on
-empty inputs (an empty prediction of an empty truth scores 1.0, never NaN).
+empty inputs (an empty prediction of an empty truth scores 1.0, never NaN). Pooled IoU and Dice equal
+segmentation_models_pytorch's ``get_stats`` + ``iou_score`` / ``f1_score`` with ``reduction="micro"``
+(tested), except there: smp's pooled ratio is NaN when no pixel is foreground in prediction or truth.
 """
 
 from __future__ import annotations
@@ -112,7 +114,12 @@ def segmentation_scores(
 
 
 def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
-    """Area under the ROC curve (rank statistic, ties counted half); 0.5 when only one class is present."""
+    """Area under the ROC curve (rank statistic, ties counted half); 0.5 when only one class is present.
+
+    Equal to scikit-learn's ``roc_auc_score`` wherever that is defined (tested); kept because it is also
+    defined where scikit-learn raises: one class only, and infinite scores (ranked like any other). A NaN
+    score gives NaN.
+    """
     labels_array = np.asarray(labels, dtype=bool)
     scores_array = np.asarray(scores, dtype=np.float64)
     positives = int(labels_array.sum())
@@ -185,3 +192,74 @@ def confusion_rows(labels: Sequence[bool], predicted: Sequence[bool], names: tup
         {"actual": positive_name if actual else negative_name, "predicted": positive_name if guess else negative_name}
         for actual, guess in zip(labels, predicted, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A decision threshold chosen on labelled scores, with why where it is the 0.5 fallback.
+
+    Attributes:
+        threshold: predict positive when ``score >= threshold``.
+        reason: empty when the threshold was chosen from the scores; otherwise why 0.5 was kept.
+    """
+
+    threshold: float
+    reason: str = ""
+
+
+FALLBACK_THRESHOLD = 0.5
+
+
+def choose_balanced_accuracy_threshold(labels: Sequence[bool], scores: Sequence[float]) -> ThresholdChoice:
+    """The threshold of highest balanced accuracy on ``(labels, scores)`` (e.g. a validation split).
+
+    Candidates are the midpoints between consecutive distinct scores (a cut halfway between the last tile
+    called negative and the first called positive, not on a tile's own score). Ties in balanced accuracy
+    (compared exactly, in integer arithmetic) go to the candidate closest to 0.5, then to the lower one,
+    so the answer is deterministic and departs from the usual 0.5 no more than the data ask for.
+
+    0.5 is kept, with the reason, when nothing can be learnt: no tile, one class only, or no cut better
+    than chance (every cut's balanced accuracy <= 0.5, e.g. all scores equal).
+
+    Args:
+        labels: true labels (positive = True).
+        scores: finite scores of the positive class, one per label.
+
+    Returns:
+        The choice; ``threshold`` is a Python float.
+
+    Raises:
+        ValueError: if the lengths differ or a score is not finite.
+    """
+    labels_array = np.asarray(labels, dtype=bool).reshape(-1)
+    scores_array = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if labels_array.shape != scores_array.shape:
+        raise ValueError(f"{labels_array.size} labels but {scores_array.size} scores")
+    if not np.all(np.isfinite(scores_array)):
+        raise ValueError("scores must be finite")
+    positives = int(labels_array.sum())
+    negatives = int(labels_array.size - positives)
+    if positives == 0 or negatives == 0:
+        which = "no tile" if labels_array.size == 0 else ("only negative" if positives == 0 else "only positive")
+        return ThresholdChoice(FALLBACK_THRESHOLD, f"{which} tiles to choose a threshold on; kept 0.5")
+    distinct = np.unique(scores_array)
+    if distinct.size < 2:
+        return ThresholdChoice(FALLBACK_THRESHOLD, "every score is equal; kept 0.5")
+    # Cut k lies between distinct[k - 1] and distinct[k]: tiles scoring >= distinct[k] are called positive.
+    cuts = (distinct[:-1] + distinct[1:]) / 2.0
+    cuts = np.where(cuts > distinct[:-1], cuts, distinct[1:])  # adjacent floats: the midpoint rounds down
+    true_positive = positives - np.searchsorted(np.sort(scores_array[labels_array]), distinct[1:], side="left")
+    true_negative = np.searchsorted(np.sort(scores_array[~labels_array]), distinct[1:], side="left")
+    # Balanced accuracy times 2 * positives * negatives: exact integers, so ties are ties.
+    merit = true_positive.astype(np.int64) * negatives + true_negative.astype(np.int64) * positives
+    best = int(merit.max())
+    if best <= positives * negatives:  # balanced accuracy <= 0.5
+        return ThresholdChoice(FALLBACK_THRESHOLD, "no threshold does better than chance; kept 0.5")
+    tied = cuts[merit == best]
+    distance = np.abs(tied - FALLBACK_THRESHOLD)
+    return ThresholdChoice(float(tied[distance == distance.min()].min()))
+
+
+def best_balanced_accuracy_threshold(labels: Sequence[bool], scores: Sequence[float]) -> float:
+    """The threshold of :func:`choose_balanced_accuracy_threshold` (0.5 where it falls back)."""
+    return choose_balanced_accuracy_threshold(labels, scores).threshold

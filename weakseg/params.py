@@ -2,9 +2,9 @@
 
 Every stage validates the whole file with :func:`load_params` before it does anything, so an unknown key,
 a wrong type or an out-of-range value stops the stage with a message naming the key and what was
-expected, and nothing is written. A stage then sees only the sections it declares under ``params`` in
-``dvc.yaml`` (:func:`load_stage_params`), so DVC's change tracking and what the code reads cannot drift
-apart.
+expected, and nothing is written. A stage then sees only the keys it declares under ``params`` in
+``dvc.yaml`` (:func:`load_stage_params`; a declared section gives everything under it), so DVC's change
+tracking and what the code reads cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from weakseg.errors import UserInputError
 
@@ -26,6 +27,18 @@ class _Strict(BaseModel):
     """Base model: unknown keys are errors, values are not coerced across types."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _key_error(model: str, key: tuple[str, ...], value: Any, message: str) -> ValidationError:
+    """A validation error located at ``key`` (relative to the model), for checks that span several keys.
+
+    Raised from a model validator, pydantic prefixes the location with the model's own place in
+    ``params.yaml``, so the message names the full dotted key (``classifier.unfreeze.full_epoch``).
+    """
+    detail = InitErrorDetails(
+        type=PydanticCustomError("value_order", "{message}", {"message": message}), loc=key, input=value
+    )
+    return ValidationError.from_exception_data(model, [detail])
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -126,17 +139,24 @@ class FocalTverskyParams(_Strict):
 
 
 class UnfreezeParams(_Strict):
-    """Progressive unfreezing of a pretrained backbone."""
+    """Progressive unfreezing of a pretrained backbone (``weakseg.training.classifier.trainable_groups``).
+
+    Epochs are counted from 0; ``full_epoch`` must lie before the last epoch (``ClassifierParams`` checks it),
+    or the last step (``layer1`` and the stem) never trains.
+    """
 
     frozen_epochs: int = Field(5, ge=0, description="Epochs with only the head training.")
-    full_epoch: int = Field(25, ge=0, description="Epoch from which every layer trains.")
-    enabled: bool = True
+    full_epoch: int = Field(25, ge=0, description="Epoch (from 0) from which every layer trains.")
+    enabled: bool = Field(False, description="Off by default: it only helps a pretrained backbone.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "UnfreezeParams":
-        if self.full_epoch < self.frozen_epochs:
-            raise ValueError(
-                f"full_epoch ({self.full_epoch}) must be >= frozen_epochs ({self.frozen_epochs})"
+        if self.enabled and self.full_epoch < self.frozen_epochs:
+            raise _key_error(
+                "UnfreezeParams",
+                ("full_epoch",),
+                self.full_epoch,
+                f"must be >= frozen_epochs ({self.frozen_epochs}): the layers unfreeze between the two",
             )
         return self
 
@@ -178,13 +198,25 @@ class ClassifierParams(_Strict):
     selection_metric: Literal["balanced_accuracy", "auc", "accuracy", "loss"] = "balanced_accuracy"
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    mixed_precision: bool = Field(False, description="bf16 autocast on CUDA; ignored on CPU.")
+    mixed_precision: bool = Field(False, description="bf16 autocast (CUDA, or a CPU with native bf16).")
     distributed: DistributedParams = DistributedParams()
 
     @model_validator(mode="after")
     def _some_loss(self) -> "ClassifierParams":
         if self.bce_weight == 0 and self.focal_tversky_weight == 0:
             raise ValueError("bce_weight and focal_tversky_weight cannot both be 0")
+        return self
+
+    @model_validator(mode="after")
+    def _unfreeze_within_epochs(self) -> "ClassifierParams":
+        if self.unfreeze.enabled and self.unfreeze.full_epoch >= self.epochs:
+            raise _key_error(
+                "ClassifierParams",
+                ("unfreeze", "full_epoch"),
+                self.unfreeze.full_epoch,
+                f"must be < classifier.epochs ({self.epochs}): epochs run 0..{self.epochs - 1}, and layer1 and "
+                "the stem only train from full_epoch on",
+            )
         return self
 
 
@@ -198,6 +230,11 @@ class CamParams(_Strict):
     target_layer: str = Field("layer4", min_length=1)
     batch_size: int = Field(16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    negative_train_tiles: bool = Field(
+        False,
+        description="Also compute CAMs for negative train tiles; refine_masks gives them empty pseudo-masks "
+        "either way, so this only costs time (the figures' negative tile always gets its CAM).",
+    )
 
 
 # ------------------------------------------------------------------------------------------- refine
@@ -265,6 +302,11 @@ class SegmenterParams(_Strict):
         description="'imagenet', 'none', or the path of a local weights file (models/classifier.pt reuses "
         "the trained classifier's backbone as the encoder).",
     )
+    targets: Literal["pseudo", "truth"] = Field(
+        "pseudo",
+        description="'pseudo': the refined pseudo-masks (weak supervision); 'truth': the dataset's true masks "
+        "(data/raw/masks), the fully supervised reference a weak method is measured against.",
+    )
     epochs: int = Field(35, ge=1)
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="The paper's SGD, or AdamW.")
     batch_size: int = Field(16, ge=1)
@@ -278,7 +320,7 @@ class SegmenterParams(_Strict):
     early_stopping_patience: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    mixed_precision: bool = False
+    mixed_precision: bool = Field(False, description="bf16 autocast (CUDA, or a CPU with native bf16).")
     distributed: DistributedParams = DistributedParams()
 
 
@@ -361,48 +403,124 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
-class StageParams:
-    """A read-only view of :class:`Params` that refuses sections a stage did not declare.
+#: Declared keys as a tree: a name maps to ``True`` (everything under it is declared) or to a subtree.
+DeclaredTree = dict[str, Any]
 
-    A stage that reads a key DVC does not know about would not re-run when that key changes; this view
-    turns such a mistake into an immediate error.
+
+def declared_tree(names: list[str]) -> DeclaredTree:
+    """Turns dotted names (``["seed", "data.positive_label", "refine"]``) into a :data:`DeclaredTree`.
+
+    A name inside a section that is declared whole adds nothing; a whole section replaces its subtree.
     """
+    tree: DeclaredTree = {}
+    for name in names:
+        *parents, last = name.split(".")
+        node: DeclaredTree | None = tree
+        for part in parents:
+            child = node.get(part)
+            if child is True:
+                node = None  # an enclosing section is already declared whole
+                break
+            node = node.setdefault(part, {})
+        if node is not None:
+            node[last] = True
+    return tree
 
-    def __init__(self, params: Params, declared: list[str], stage: str) -> None:
-        self._params = params
-        self._stage = stage
-        self._declared = {name.split(".")[0] for name in declared}
+
+def _flatten(prefix: str, value: Any, flat: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, inner, flat)
+    else:
+        flat[prefix] = value
+
+
+class _DeclaredView:
+    """A read-only view of one part of :class:`Params` that exposes exactly the declared keys below it."""
+
+    __slots__ = ("_value", "_tree", "_prefix", "_stage", "_declared")
+
+    def __init__(self, value: BaseModel, tree: DeclaredTree, prefix: str, stage: str, declared: list[str]) -> None:
+        object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "_tree", tree)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_declared", declared)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        if name not in self._declared:
+        key = f"{self._prefix}{name}"
+        branch = self._tree.get(name)
+        if branch is None:
             raise ParamsError(
-                f"stage '{self._stage}' reads params '{name}' but dvc.yaml does not declare it "
-                f"(declared: {sorted(self._declared)})"
+                f"stage '{self._stage}' reads params '{key}' but dvc.yaml does not declare it "
+                f"(declared: {self._declared}); add it to the stage's params in dvc.yaml"
             )
-        return getattr(self._params, name)
+        value = getattr(self._value, name)
+        if branch is True:
+            return value
+        return _DeclaredView(value, branch, f"{key}.", self._stage, self._declared)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"params are read-only (tried to set '{self._prefix}{name}')")
+
+    def __repr__(self) -> str:
+        return f"<params of stage '{self._stage}' under '{self._prefix or '.'}': {sorted(self._tree)}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # __setattr__ refuses, so pickle rebuilds through __init__
+        return (_DeclaredView, (self._value, self._tree, self._prefix, self._stage, self._declared))
+
+
+class StageParams(_DeclaredView):
+    """A read-only view of :class:`Params` that exposes exactly the keys a stage declares in ``dvc.yaml``.
+
+    A declared section (``refine``) gives everything under it; a declared key (``refine.threshold_quantile``)
+    gives that key alone, so ``params.refine.crf`` then fails. A stage that reads a key DVC does not know
+    about would not re-run when that key changes; this view turns such a mistake into an immediate error
+    naming the stage and the key.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, params: Params, declared: list[str], stage: str) -> None:
+        tree = declared_tree(declared)
+        super().__init__(params, tree, "", stage, sorted(_declared_names(tree)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StageParams, (self._value, self._declared, self._stage))
 
     @property
     def declared(self) -> set[str]:
-        """Top-level sections this stage may read."""
+        """The dotted keys this stage may read (a section declared whole is one name)."""
         return set(self._declared)
 
     def to_flat_dict(self) -> dict[str, Any]:
-        """The declared sections as ``{"a.b.c": value}``, for MLflow."""
+        """The declared keys as ``{"a.b.c": value}`` (every leaf under a declared section), for MLflow."""
         flat: dict[str, Any] = {}
 
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for key, inner in value.items():
-                    walk(f"{prefix}.{key}" if prefix else key, inner)
-            else:
-                flat[prefix] = value
+        def walk(prefix: str, value: Any, branch: DeclaredTree | bool) -> None:
+            if branch is True:
+                _flatten(prefix, value, flat)
+                return
+            for key, inner in branch.items():
+                name = f"{prefix}.{key}" if prefix else key
+                if not isinstance(value, dict) or key not in value:
+                    raise ParamsError(
+                        f"dvc.yaml: stage '{self._stage}' declares params '{name}', which params.yaml has no key for"
+                    )
+                walk(name, value[key], inner)
 
-        dumped = self._params.model_dump()
-        for name in sorted(self._declared):
-            walk(name, dumped[name])
+        walk("", self._value.model_dump(), self._tree)
         return flat
+
+
+def _declared_names(tree: DeclaredTree, prefix: str = "") -> list[str]:
+    names: list[str] = []
+    for key, branch in tree.items():
+        name = f"{prefix}{key}"
+        names.extend([name] if branch is True else _declared_names(branch, f"{name}."))
+    return names
 
 
 def declared_params(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:

@@ -1,9 +1,12 @@
 """``weakseg-predict``: a folder of new H&E tiles -> probability maps, masks, overlays, uncertainty maps, CSV.
 
-Each image is stain-normalized with the reference the ``normalize`` stage fitted and cut into windows of
-the segmenter's tile size (overlapping, blended back; smaller images are padded by reflection and cropped
-back). The mask is the thresholded probability inside the tissue mask. Unreadable files are reported by
-name and skipped; the exit status is then 1, after every readable image is written.
+Each image is stain-normalized with the reference the ``normalize`` stage fitted, its tissue found with the
+settings that stage recorded beside the reference (so new tiles are prepared exactly as training tiles
+were), and cut into windows of the segmenter's tile size (overlapping, blended back; smaller images are
+padded by reflection and cropped back). The mask is the thresholded probability inside the tissue mask.
+The tile decision compares the classifier's probability with ``--threshold``, or the segmenter head's with
+the threshold ``train_segmenter`` chose on the validation split (stored in the checkpoint). Unreadable
+files are reported by name and skipped; the exit status is then 1, after every readable image is written.
 
 Outputs under ``--output``::
 
@@ -11,7 +14,7 @@ Outputs under ``--output``::
     masks/STEM.png           0/255 predicted mask
     overlays/STEM.png        the image with the mask tinted and outlined
     uncertainty/STEM.png     U = 1 - 2|p - 0.5| as a heatmap (blue: sure, red: undecided)
-    predictions.csv          one row per image: tile probability, predicted area, ...
+    predictions.csv          one row per image: tile probability, its threshold, predicted area, ...
 
 Usage: ``python -m weakseg.predict --input FOLDER --output FOLDER [options]``.
 """
@@ -30,14 +33,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from weakseg import figures
 from weakseg.errors import UserInputError
 from weakseg.inference import ImagePrediction, LoadedModel, load_model, make_forward, predict_images
 from weakseg.io import ImageReadError, atomic_path, read_rgb, write_png
-from weakseg.params import TissueParams
-from weakseg.stain import DEFAULT_BACKGROUND_INTENSITY, StainReference, load_stain_reference, normalize_tile, tissue_mask
+from weakseg.params import NormalizeParams, TissueParams
+from weakseg.stain import (
+    StainReference,
+    StainReferenceError,
+    load_normalize_settings,
+    load_stain_reference,
+    normalize_tile,
+    tissue_mask,
+)
 from weakseg.training.common import select_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -51,6 +62,7 @@ CSV_COLUMNS = (
     "height",
     "tile_probability",
     "tile_probability_source",
+    "tile_threshold",
     "tile_positive",
     "predicted_area_pixels",
     "predicted_area_fraction",
@@ -78,9 +90,81 @@ class PredictOptions:
     device: str = "auto"
     overlap: int | None = None
     tissue_masking: bool = True
-    tissue_min_object_size: int = TissueParams().min_object_size
-    tissue_min_hole_size: int = TissueParams().min_hole_size
+    tissue_min_object_size: int | None = None  # None: as the stain reference file records
+    tissue_min_hole_size: int | None = None
     workers: int = 2
+
+
+# The keyword arguments of weakseg.stain.tissue_mask that the normalize stage records.
+TISSUE_SETTING_KEYS = (
+    "min_object_size",
+    "min_hole_size",
+    "background_intensity",
+    "threshold_min",
+    "threshold_max",
+    "min_green_excess",
+)
+
+
+@dataclass(frozen=True)
+class TileNormalization:
+    """How a new tile is prepared: the stain reference and tissue settings the ``normalize`` stage used.
+
+    Attributes:
+        reference: the stain reference; None leaves tiles unnormalized (``normalize.method: none``, or
+            ``--stain-reference none``).
+        tissue: keyword arguments of :func:`weakseg.stain.tissue_mask` (:data:`TISSUE_SETTING_KEYS`).
+        min_tissue_fraction: a tile with fewer stained pixels passes through unnormalized.
+        source: the file these came from, or ``"defaults"``.
+    """
+
+    reference: StainReference | None
+    tissue: dict[str, Any]
+    min_tissue_fraction: float
+    source: str
+
+
+def default_normalization() -> TileNormalization:
+    """No stain reference, and the tissue settings of the default ``normalize`` parameters."""
+    defaults = NormalizeParams()
+    tissue = {key: getattr(defaults.tissue, key) for key in TISSUE_SETTING_KEYS if key != "background_intensity"}
+    tissue["background_intensity"] = defaults.background_intensity
+    return TileNormalization(None, tissue, defaults.min_tissue_fraction, "defaults")
+
+
+def load_normalization(path: Path) -> TileNormalization:
+    """The stain reference and the tissue settings recorded beside it in ``stain_reference.json``.
+
+    Raises:
+        StainReferenceError: naming the file, if it is missing or malformed, or records no (or unusable)
+            tissue settings: predict would then find tissue differently from the tiles the models saw.
+    """
+    reference = load_stain_reference(path)
+    settings = load_normalize_settings(path)
+    missing = [key for key in ("tissue", "min_tissue_fraction") if key not in settings]
+    if missing:
+        raise StainReferenceError(
+            f"{path}: records no {' or '.join(missing)}, so tiles cannot be prepared as the normalize stage "
+            f"prepared the training tiles; use a stain_reference.json written by the normalize stage "
+            f"(or --stain-reference none for no normalization and default tissue settings)"
+        )
+    tissue = settings["tissue"]
+    if not isinstance(tissue, dict) or set(tissue) != set(TISSUE_SETTING_KEYS):
+        found = sorted(tissue) if isinstance(tissue, dict) else type(tissue).__name__
+        raise StainReferenceError(f"{path}: 'tissue' must hold exactly {list(TISSUE_SETTING_KEYS)}, got {found}")
+    try:
+        checked = NormalizeParams(
+            background_intensity=tissue["background_intensity"],
+            min_tissue_fraction=settings["min_tissue_fraction"],
+            tissue=TissueParams(**{key: tissue[key] for key in TISSUE_SETTING_KEYS if key != "background_intensity"}),
+        )
+    except ValidationError as error:
+        problems = "; ".join(
+            ": ".join(filter(None, (".".join(str(part) for part in item["loc"]), item["msg"])))
+            for item in error.errors()
+        )
+        raise StainReferenceError(f"{path}: unusable tissue settings ({problems})") from None
+    return TileNormalization(reference, dict(tissue), checked.min_tissue_fraction, str(path))
 
 
 @dataclass
@@ -102,6 +186,7 @@ class TileResult:
     mask: np.ndarray
     tile_probability: float
     tile_probability_source: str
+    tile_threshold: float
     tile_positive: bool
     windows: int
 
@@ -124,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"stain reference JSON from the normalize stage (default: {DEFAULT_STAIN_REFERENCE}); 'none' skips normalization",
     )
     parser.add_argument(
-        "--threshold", type=float, default=0.5, help="probability threshold of the mask and the tile decision (default 0.5)"
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="probability threshold of the mask, and of the tile decision with --classifier (default 0.5); the "
+        "segmenter head's tile decision uses the threshold train_segmenter chose on validation",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
@@ -132,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap", type=int, default=None, help="pixels shared by neighbouring windows of large images (default: tile size / 4)"
     )
     parser.add_argument("--no-tissue-mask", action="store_true", help="do not restrict the mask to tissue")
-    parser.add_argument("--tissue-min-object-size", type=int, default=TissueParams().min_object_size)
-    parser.add_argument("--tissue-min-hole-size", type=int, default=TissueParams().min_hole_size)
+    parser.add_argument(
+        "--tissue-min-object-size", type=int, default=None, help="override the stain reference's recorded value"
+    )
+    parser.add_argument(
+        "--tissue-min-hole-size", type=int, default=None, help="override the stain reference's recorded value"
+    )
     parser.add_argument("--workers", type=int, default=2, help="threads reading and writing files (default 2)")
     return parser
 
@@ -154,7 +247,7 @@ def parse_options(argv: Sequence[str] | None) -> PredictOptions:
     if arguments.workers < 1:
         raise PredictInputError(f"--workers must be >= 1, got {arguments.workers}")
     for flag, value in (("--tissue-min-object-size", arguments.tissue_min_object_size), ("--tissue-min-hole-size", arguments.tissue_min_hole_size)):
-        if value < 0:
+        if value is not None and value < 0:
             raise PredictInputError(f"{flag} must be >= 0, got {value}")
     reference = None if str(arguments.stain_reference).lower() == "none" else Path(arguments.stain_reference)
     return PredictOptions(
@@ -196,30 +289,58 @@ def list_images(folder: Path) -> list[Path]:
     return paths
 
 
+def with_overrides(normalization: TileNormalization, options: PredictOptions) -> TileNormalization:
+    """``normalization`` with the tissue sizes the command line sets explicitly."""
+    tissue = dict(normalization.tissue)
+    overrides = (("min_object_size", options.tissue_min_object_size), ("min_hole_size", options.tissue_min_hole_size))
+    for key, value in overrides:
+        if value is not None:
+            tissue[key] = value
+    return TileNormalization(normalization.reference, tissue, normalization.min_tissue_fraction, normalization.source)
+
+
 def prepare_image(
-    image: np.ndarray, name: str, reference: StainReference | None, options: PredictOptions
+    image: np.ndarray, name: str, normalization: TileNormalization, tissue_masking: bool = True
 ) -> PreparedImage:
-    """Stain-normalizes one image and finds its tissue, as the ``normalize`` stage does for training tiles."""
-    normalized, was_normalized = normalize_tile(image, reference)
-    tissue = None
-    if options.tissue_masking:
-        background = reference.background_intensity if reference is not None else DEFAULT_BACKGROUND_INTENSITY
-        tissue = tissue_mask(
-            image, options.tissue_min_object_size, options.tissue_min_hole_size, background_intensity=background
-        )
+    """Stain-normalizes one image and finds its tissue, as the ``normalize`` stage does for training tiles.
+
+    The tissue mask is computed on the image as read (not the normalized one), as ``normalize`` does.
+    """
+    normalized, was_normalized = normalize_tile(image, normalization.reference, normalization.min_tissue_fraction)
+    tissue = tissue_mask(image, **normalization.tissue) if tissue_masking else None
     return PreparedImage(name, image, normalized, tissue, was_normalized)
 
 
-def summarize(prediction: ImagePrediction, tissue: np.ndarray | None, threshold: float) -> TileResult:
-    """The mask (thresholded, inside tissue) and tile probability (classifier if present, else the head)."""
-    assert prediction.probability is not None
+def summarize(
+    prediction: ImagePrediction, tissue: np.ndarray | None, threshold: float, head_threshold: float
+) -> TileResult:
+    """The mask (thresholded, inside tissue) and tile probability (classifier if present, else the head).
+
+    Args:
+        prediction: one image's model outputs.
+        tissue: its tissue mask, or None to keep every pixel.
+        threshold: the pixel threshold, and the classifier's tile threshold.
+        head_threshold: the segmenter head's tile threshold (from its checkpoint).
+
+    Raises:
+        PredictInputError: if the prediction has no probability map (no segmenter ran).
+    """
+    if prediction.probability is None:
+        raise PredictInputError("predict needs the segmenter's probability map, and the prediction has none")
     mask = prediction.probability >= threshold
     if tissue is not None:
         mask &= tissue
     source = "classifier" if "classifier" in prediction.tile_probabilities else "head"
     tile_probability = prediction.tile_probabilities[source]
+    tile_threshold = threshold if source == "classifier" else head_threshold
     return TileResult(
-        prediction.probability, mask, tile_probability, source, tile_probability >= threshold, prediction.windows
+        prediction.probability,
+        mask,
+        tile_probability,
+        source,
+        tile_threshold,
+        tile_probability >= tile_threshold,
+        prediction.windows,
     )
 
 
@@ -239,6 +360,7 @@ def write_outputs(output: Path, prepared: PreparedImage, result: TileResult) -> 
         "height": height,
         "tile_probability": f"{result.tile_probability:.6f}",
         "tile_probability_source": result.tile_probability_source,
+        "tile_threshold": f"{result.tile_threshold:.6f}",
         "tile_positive": int(result.tile_positive),
         "predicted_area_pixels": area,
         "predicted_area_fraction": f"{area / (height * width):.6f}",
@@ -273,7 +395,10 @@ def run_predict(options: PredictOptions) -> list[str]:
         device = select_device(options.device)
     except RuntimeError as error:
         raise PredictInputError(f"--device: {error}") from None
-    reference = load_stain_reference(options.stain_reference) if options.stain_reference is not None else None
+    if options.stain_reference is None:
+        normalization = with_overrides(default_normalization(), options)
+    else:
+        normalization = with_overrides(load_normalization(options.stain_reference), options)
     segmenter, classifier, overlap = _load_models(options, device)
     forward = make_forward(segmenter.model, classifier.model if classifier is not None else None)
     for folder in OUTPUT_FOLDERS:
@@ -283,7 +408,7 @@ def run_predict(options: PredictOptions) -> list[str]:
 
     def load(path: Path) -> PreparedImage | str:
         try:
-            return prepare_image(read_rgb(path), path.name, reference, options)
+            return prepare_image(read_rgb(path), path.name, normalization, options.tissue_masking)
         except ImageReadError as error:
             return str(error)
 
@@ -310,7 +435,7 @@ def run_predict(options: PredictOptions) -> list[str]:
         writes: deque[Future[dict[str, Any]]] = deque()
         predictions = predict_images(prepared_images(), forward, segmenter.preprocessing, device, options.batch_size, overlap)
         for prepared, prediction in tqdm(predictions, total=len(paths), desc="predict", unit="image"):
-            result = summarize(prediction, prepared.tissue, options.threshold)
+            result = summarize(prediction, prepared.tissue, options.threshold, segmenter.head_threshold)
             writes.append(pool.submit(write_outputs, options.output, prepared, result))
             while len(writes) > 2 * options.batch_size:
                 rows.append(writes.popleft().result())

@@ -106,9 +106,7 @@ def threshold_cam(
 ) -> np.ndarray:
     """Foreground where the CAM lies above its ``quantile`` (taken over tissue pixels).
 
-    The comparison is strict (``cam > cut``) unless pixels tied at the cut must be kept to come nearer the
-    wanted share ``1 - quantile`` of the tissue (an 8-bit CAM saturated over most of the tissue). A flat CAM
-    (a classifier that saw nothing) gives an empty mask rather than the whole tissue.
+    The cut and its tie rule are :func:`quantile_cut`'s (a flat CAM gives an empty mask at the median).
 
     Args:
         cam: ``(H, W)`` activation map, float (any scale) or uint8.
@@ -132,17 +130,31 @@ def threshold_cam(
         _check_same_shape(values, region, "tissue mask")
     if not region.any():
         return np.zeros(values.shape, dtype=bool)
-    inside = values[region]
+    return (values > quantile_cut(values[region], quantile)) & region
+
+
+def quantile_cut(inside: np.ndarray, quantile: float) -> float:
+    """The CAM value above which a pixel is foreground (``cam > cut``), from the values inside the region.
+
+    The cut is the ``quantile`` of ``inside``, strict, unless pixels tied at it must be kept to come nearer
+    the wanted share ``1 - quantile`` of the region (an 8-bit CAM saturated over most of the tissue): then
+    the cut moves down to the largest value below the tie. On a tie of distances the strict side wins, so a
+    flat CAM (a classifier that saw nothing) gives an empty mask at the median. The thresholded mask and the
+    CRF's unary both take their cut from here.
+
+    Args:
+        inside: the CAM values of the region (any shape, float).
+        quantile: in [0, 1].
+    """
+    inside = np.asarray(inside, dtype=np.float64).ravel()
     cut = float(np.quantile(inside, quantile))
-    above = (values > cut) & region
-    # Quantized or saturated CAMs tie at the cut: keep the tied pixels too when that lands nearer the
-    # wanted share (1 - quantile) of the tissue; on a tie of distances the strict side wins.
     wanted = 1.0 - quantile
     strict_share = float(np.count_nonzero(inside > cut)) / inside.size
     inclusive_share = float(np.count_nonzero(inside >= cut)) / inside.size
     if abs(inclusive_share - wanted) < abs(strict_share - wanted):
-        return (values >= cut) & region
-    return above
+        below = inside[inside < cut]
+        return float(below.max()) if below.size else float(np.nextafter(inside.min(), -np.inf))
+    return cut
 
 
 def _square(size: int) -> np.ndarray:
@@ -298,7 +310,7 @@ def refine_pseudo_mask(
         refined = cleaned.copy()
     else:
         region = tissue_region if tissue_region is not None else np.ones(values.shape, dtype=bool)
-        cut = float(np.quantile(values[region], settings.threshold_quantile)) if region.any() else 1.0
+        cut = quantile_cut(values[region], settings.threshold_quantile) if region.any() else 1.0
         probability = crf_unary_probability(cleaned, values, cut, tissue_region, settings.crf)
         refined = dense_crf(image, probability, settings.crf)
     if tissue_region is not None:

@@ -7,12 +7,17 @@ folder, so every experiment lands in the same store as a plain ``dvc repro``.
 Every run carries the tags ``weakseg.stage``, ``weakseg.pipeline`` (the DVC experiment name when DVC runs
 one, else ``<git commit>-<params hash>``), ``weakseg.git_commit``, ``weakseg.params_hash`` and
 ``weakseg.dvc_experiment``, so ``mlflow ui`` can group the stages of one pipeline execution.
+
+A stage killed mid-run (SIGKILL, a lost machine) cannot end its run, which MLflow would then show as
+``RUNNING`` for ever; when the stage starts again in the same pipeline group, :func:`stage_run` marks such
+runs ``KILLED`` (MLflow's status for a run that ended abnormally).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import subprocess
 import tempfile
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT_NAME = "weakseg"
+LOGGER = logging.getLogger(__name__)
 _EXPERIMENT_WORKSPACES = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
 
@@ -130,9 +136,51 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def end_abandoned_runs(experiment_id: str, stage: str, pipeline: str) -> list[str]:
+    """Marks ``KILLED`` the runs of ``stage`` in pipeline group ``pipeline`` that are still ``RUNNING``.
+
+    A run is only left ``RUNNING`` by a process that died before it could end it; the stage starting
+    again in the same group replaces it. Runs of other stages, and of other groups (a queued experiment
+    running the same stage at the same time), are left alone.
+
+    Args:
+        experiment_id: the MLflow experiment to search.
+        stage: the DVC stage name (``weakseg.stage``).
+        pipeline: the pipeline group (``weakseg.pipeline``).
+
+    Returns:
+        The ids of the runs marked ``KILLED``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    query = f"tags.`weakseg.stage` = '{stage}' AND attributes.status = 'RUNNING'"
+    ended: list[str] = []
+    page_token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=page_token)
+        for run in page:
+            # Compared here rather than in the query: a group name may hold any character.
+            if run.data.tags.get("weakseg.pipeline") == pipeline:
+                client.set_terminated(run.info.run_id, status="KILLED")
+                ended.append(run.info.run_id)
+        page_token = page.token
+        if not page_token:
+            break
+    if ended:
+        LOGGER.warning(
+            "marked %d earlier %s run(s) of pipeline %s that never ended as KILLED: %s",
+            len(ended), stage, pipeline, ", ".join(ended),
+        )
+    return ended
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
     """Opens one MLflow run for a stage execution, tagged with its pipeline group.
+
+    Earlier runs of the same stage and group still marked ``RUNNING`` (their process was killed) are
+    first marked ``KILLED``. Call it from one process only (rank 0 of a distributed stage).
 
     Args:
         stage: the DVC stage name.
@@ -142,8 +190,9 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[S
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT_NAME)
+    experiment = mlflow.set_experiment(EXPERIMENT_NAME)
     tags = pipeline_tags(stage)
+    end_abandoned_runs(experiment.experiment_id, stage, tags["weakseg.pipeline"])
     with mlflow.start_run(run_name=f"{stage} {tags['weakseg.pipeline']}", tags=tags) as run:
         if params:
             # MLflow limits a value to 6000 characters and a batch to 100 params.

@@ -122,6 +122,38 @@ def partition(tiles: Sequence[Tile], name: str) -> list[Tile]:
     return [tile for tile in tiles if tile.partition == name]
 
 
+def _figure_candidates(tiles: Sequence[Tile], positive: bool) -> list[Tile]:
+    """The tiles of one class in name order, train tiles only unless the train partition has none."""
+    members = sorted((tile for tile in tiles if tile.positive == positive), key=lambda tile: tile.name)
+    train = [tile for tile in members if tile.partition == "train"]
+    return train or members
+
+
+def figure_negative_tile(tiles: Sequence[Tile]) -> Tile | None:
+    """The one negative tile that :func:`pick_figure_tiles` shows (``generate_cams`` always draws its CAM)."""
+    negatives = _figure_candidates(tiles, positive=False)
+    return negatives[0] if negatives else None
+
+
+def pick_figure_tiles(tiles: Sequence[Tile], count: int) -> list[Tile]:
+    """Up to ``count`` positive tiles spread over the name order, then one negative tile.
+
+    Train-partition tiles are preferred (the figure is for looking at the training signal); test tiles are
+    used only where the train partition has none of a class.
+    """
+    if count <= 0:
+        return []
+    positives = _figure_candidates(tiles, positive=True)
+    chosen: list[Tile] = []
+    if positives:
+        indices = np.linspace(0, len(positives) - 1, num=min(count, len(positives))).round().astype(int)
+        chosen.extend(positives[index] for index in dict.fromkeys(indices.tolist()))
+    negative = figure_negative_tile(tiles)
+    if negative is not None:
+        chosen.append(negative)
+    return chosen
+
+
 def split_train_validation(
     tiles: Sequence[Tile], validation_fraction: float, seed: int
 ) -> tuple[list[Tile], list[Tile]]:

@@ -4,7 +4,8 @@ MHIST is distributed after a research-use form at https://bmirds.github.io/MHIST
 follows links ``images.zip``, ``annotations.csv`` and ``MD5SUMs.txt``. This module takes either a local
 folder or zip holding those files (``data.mhist.path``) or their URLs (``data.mhist.*_url``, fetched with
 urllib, so ``file://`` URLs work too), checks the MD5 sums where given, extracts the images safely
-(members that would land outside the target folder are refused), and checks the annotations, every
+(members that would land outside the target folder are refused, and so is an archive with more members
+or more uncompressed bytes than a few times MHIST's), and checks the annotations, every
 image (present, decodable, 224x224 RGB) and MHIST's published counts.
 """
 
@@ -33,6 +34,12 @@ MHIST_COUNTS = {"total": 3152, "train": 2175, "test": 977}
 IMAGES_ZIP = "images.zip"
 ANNOTATIONS_CSV = "annotations.csv"
 MD5SUMS_TXT = "MD5SUMs.txt"
+#: Bounds on an archive, checked from its central directory before anything is extracted. MHIST's
+#: images.zip holds 3,152 PNGs of 224x224 (under 400 MB uncompressed); the bounds leave a few times that,
+#: and refuse a zip bomb or a wrong file before it fills the disk.
+MAX_ARCHIVE_MEMBERS = 20_000
+MAX_ARCHIVE_BYTES = 4 << 30  # total uncompressed size the members declare
+MAX_MEMBER_BYTES = 1 << 30  # one member (a bundle zip holds images.zip whole)
 
 
 class MhistSourceError(UserInputError):
@@ -105,16 +112,49 @@ def verify_md5sums(folder: Path, md5sums: Path) -> list[str]:
     return checked
 
 
+def check_archive_limits(archive: Path, members: list[zipfile.ZipInfo]) -> None:
+    """Refuses an archive with more members or more declared bytes than the module's bounds allow.
+
+    The sizes are those the central directory declares; extraction cannot write more than a member
+    declares (``zipfile`` stops there, and the CRC check then fails), so checking them bounds what is
+    written.
+
+    Raises:
+        MhistSourceError: naming the archive, what it declares and the bound it exceeds.
+    """
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise MhistSourceError(
+            f"{archive}: holds {len(members):,} members, more than the {MAX_ARCHIVE_MEMBERS:,} allowed "
+            f"(MHIST has {MHIST_COUNTS['total']:,} images); refusing to extract"
+        )
+    for member in members:
+        if member.file_size > MAX_MEMBER_BYTES:
+            raise MhistSourceError(
+                f"{archive}: member {member.filename!r} declares {member.file_size:,} bytes uncompressed, more "
+                f"than the {MAX_MEMBER_BYTES:,} allowed for one member; refusing to extract"
+            )
+    total = sum(member.file_size for member in members)
+    if total > MAX_ARCHIVE_BYTES:
+        raise MhistSourceError(
+            f"{archive}: declares {total:,} bytes uncompressed, more than the {MAX_ARCHIVE_BYTES:,} allowed "
+            "(a few times MHIST's size); refusing to extract"
+        )
+
+
 def safe_extract(archive: Path, destination: Path) -> None:
     """Extracts a zip, refusing any member that would land outside ``destination``.
 
+    Before anything is read or written, the member count and declared sizes are checked against
+    :data:`MAX_ARCHIVE_MEMBERS`, :data:`MAX_ARCHIVE_BYTES` and :data:`MAX_MEMBER_BYTES`.
+
     Raises:
-        MhistSourceError: naming the archive and the offending member, or if the zip is corrupt.
+        MhistSourceError: naming the archive and the offending member or bound, or if the zip is corrupt.
     """
     destination = destination.resolve()
     try:
         with zipfile.ZipFile(archive) as handle:
             members = handle.infolist()
+            check_archive_limits(archive, members)
             for member in members:
                 name = member.filename
                 target = (destination / name).resolve()

@@ -17,6 +17,18 @@ Convention used here (the one of the paper and of its reference implementation):
 
 ``alpha`` weighs false negatives and ``beta`` false positives; ``alpha = 0.7, beta = 0.3, gamma = 4/3``
 are the paper's values. ``alpha = beta = 0.5`` and ``gamma = 1`` give the soft Dice loss.
+
+Relation to ``segmentation_models_pytorch.losses.TverskyLoss`` (tested to agree within 1e-6 on random
+batches): ``FocalTverskyLoss(alpha, beta, gamma, smooth)`` on logits of shape ``(N, 1)`` equals
+``TverskyLoss(mode="binary", from_logits=True, alpha=beta, beta=alpha, gamma=1 / gamma, smooth=smooth)``.
+The names are swapped (smp's ``alpha`` weighs false positives) and smp raises ``1 - TI`` to ``gamma``
+itself, not to ``1 / gamma``. smp's binary mode also pools the whole batch into one index, as here. Two
+differences are by design:
+
+* smp sets the loss to 0 for a batch without a positive target; here the smoothed index still
+  punishes false positives in such a batch (a classifier batch may hold only negative tiles);
+* smp clamps the index's denominator at ``1e-7``, this module clamps ``1 - TI`` at ``1e-7`` so that the
+  gradient stays finite for a perfect batch; on ordinary batches neither clamp acts.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ Epochs are counted from 0. Epoch ``e`` trains the parameter groups :func:`traina
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import math
@@ -32,7 +31,7 @@ from weakseg.losses.focal_tversky import FocalTverskyLoss
 from weakseg.metrics import classification_scores
 from weakseg.params import ClassifierParams, UnfreezeParams
 from weakseg.training.common import build_optimizer as build_common_optimizer
-from weakseg.training.common import worker_seed
+from weakseg.training.common import autocast, worker_seed
 from weakseg.training.datasets import TileDataset
 from weakseg.training.distributed import (
     DistributedContext,
@@ -296,12 +295,6 @@ def build_eval_loader(
 
 
 # ---------------------------------------------------------------------------------------- the loop
-def _autocast(device: torch.device, mixed_precision: bool) -> torch.autocast:
-    """bf16 autocast on CUDA when asked; a disabled context elsewhere (CPU always runs float32)."""
-    enabled = mixed_precision and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -337,7 +330,7 @@ def train_one_epoch(
     for images, labels in progress:
         images = images.to(device, non_blocking=non_blocking)
         labels = labels.to(device, non_blocking=non_blocking)
-        with _autocast(device, mixed_precision):
+        with autocast(device, mixed_precision):
             logits = model(images)
         logits = logits.float().reshape(-1)
         if distributed is not None:
@@ -375,7 +368,7 @@ def predict_logits(
     all_logits: list[torch.Tensor] = []
     all_labels: list[torch.Tensor] = []
     for images, labels in loader:
-        with _autocast(device, mixed_precision):
+        with autocast(device, mixed_precision):
             logits = model(images.to(device))
         all_logits.append(logits.float().reshape(-1).cpu())
         all_labels.append(labels.float().reshape(-1))
@@ -430,11 +423,17 @@ def majority_class_rate(labels: np.ndarray | list[bool]) -> float:
 
 
 def is_better(metric: str, candidate: float, best: float | None) -> bool:
-    """Whether ``candidate`` beats ``best`` on ``metric`` (lower is better only for ``loss``; ties lose)."""
+    """Whether ``candidate`` beats ``best`` on ``metric`` (lower is better only for ``loss``; ties lose).
+
+    The first epoch (``best`` is None) always counts, so the loop always has a best state. After that a NaN
+    never wins, and any number beats a NaN best (a NaN first epoch does not block every later one).
+    """
     if best is None:
         return True
     if math.isnan(candidate):
         return False
+    if math.isnan(best):
+        return True
     return candidate < best if metric == "loss" else candidate > best
 
 
@@ -490,7 +489,7 @@ def train_classifier(
     trained_model: nn.Module = model
     wrapped_groups: set[str] | None = None
     history: list[dict[str, Any]] = []
-    best_state: dict[str, torch.Tensor] | None = None
+    best_state: dict[str, torch.Tensor] = {}  # set by the first epoch, which always counts as best
     best_value: float | None = None
     best_epoch = -1
     best_scores: dict[str, float] = {}
@@ -551,10 +550,6 @@ def train_classifier(
             best_epoch = epoch
             best_scores = dict(scores)
             best_state = {key: tensor.detach().cpu().clone() for key, tensor in model.state_dict().items()}
-    if best_state is None:  # every epoch scored NaN: keep the last state rather than nothing
-        best_state = copy.deepcopy({key: tensor.detach().cpu() for key, tensor in model.state_dict().items()})
-        best_epoch = params.epochs - 1
-        best_scores = dict(scores)
     # The model leaves the loop with every parameter trainable, as a user of the returned model expects.
     apply_trainable_groups(model, set(ALL_GROUPS))
     model.eval()

@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from weakseg.errors import UserInputError
 from weakseg.losses.segmentation import SegmentationLoss
-from weakseg.metrics import PixelCounts
+from weakseg.metrics import PixelCounts, choose_balanced_accuracy_threshold, classification_scores
 from weakseg.models import build_segmenter
 from weakseg.params import SegmenterParams
 from weakseg.training.augment import build_augmentation
-from weakseg.training.common import build_optimizer, seed_everything, worker_seed
+from weakseg.training.common import autocast, build_optimizer, images_to_tensor, seed_everything, worker_seed
 from weakseg.training.curriculum import epoch_indices, negative_probability, shard_indices
 from weakseg.training.datasets import TileDataset
 from weakseg.training.distributed import (
@@ -77,6 +77,29 @@ class ValidationResult:
         return self.loss_sum / self.tiles if self.tiles else 0.0
 
 
+@dataclass(frozen=True)
+class HeadCalibration:
+    """The classification head's tile decision threshold, chosen on the validation split, and its scores there.
+
+    Attributes:
+        threshold: a tile is positive when the head's probability is ``>= threshold``.
+        reason: empty when the threshold was chosen on validation; otherwise why 0.5 was kept.
+        metrics: ``accuracy``, ``balanced_accuracy``, ``auc``, ``sensitivity``, ``specificity`` of the
+            head on the validation split at ``threshold``.
+    """
+
+    threshold: float
+    reason: str
+    metrics: dict[str, float]
+
+    def record(self) -> dict[str, Any]:
+        """The ``val_head`` entry of ``metrics/segmenter.json``: threshold, metrics, and the reason if any."""
+        record: dict[str, Any] = {"threshold": self.threshold, **self.metrics}
+        if self.reason:
+            record["threshold_reason"] = self.reason
+        return record
+
+
 @dataclass
 class SegmenterTrainingResult:
     """What a training run produces."""
@@ -84,6 +107,7 @@ class SegmenterTrainingResult:
     best_state_dict: dict[str, torch.Tensor]
     best_epoch: int
     best_metrics: dict[str, float]
+    head: HeadCalibration
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early_at: int | None = None
 
@@ -93,12 +117,6 @@ class SegmenterDivergedError(UserInputError):
 
 
 EpochCallback = Callable[[dict[str, Any]], None]
-
-
-def _autocast(device: torch.device, mixed_precision: bool) -> contextlib.AbstractContextManager[Any]:
-    if mixed_precision and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _seed_worker_augmentation(worker_id: int) -> None:
@@ -196,8 +214,10 @@ def train_one_epoch(
     for images, labels, masks in tqdm(loader, desc=description, leave=False, disable=quiet):
         images, labels, masks = images.to(device), labels.to(device), masks.to(device)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, mixed_precision):
+        with autocast(device, mixed_precision):
             mask_logits, label_logits = model(images)
+        # The losses run in float32 whatever the forward pass ran in (Lovasz sorts, Dice sums).
+        mask_logits, label_logits = mask_logits.float(), label_logits.float()
         if distributed is not None:
             mask_logits, label_logits, masks, labels = (
                 gather_batch(tensor, distributed) for tensor in (mask_logits, label_logits, masks, labels)
@@ -233,13 +253,48 @@ def validate(
     loss_sum, tiles = 0.0, 0
     for images, labels, masks in tqdm(loader, desc="validating", leave=False):
         images, labels, masks = images.to(device), labels.to(device), masks.to(device)
-        with _autocast(device, mixed_precision):
+        with autocast(device, mixed_precision):
             mask_logits, label_logits = model(images)
+        # The losses run in float32 whatever the forward pass ran in (Lovasz sorts, Dice sums).
+        mask_logits, label_logits = mask_logits.float(), label_logits.float()
         loss_sum += float(loss_function(mask_logits, label_logits, masks, labels)) * len(images)
         tiles += len(images)
         predicted = (torch.sigmoid(mask_logits.float()) >= threshold).cpu().numpy()
         counts.add(predicted, masks.cpu().numpy() > 0.5)
     return ValidationResult(counts=counts, loss_sum=loss_sum, tiles=tiles)
+
+
+@torch.no_grad()
+def head_probabilities(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """The classification head's probabilities ``(N,)`` of uint8 tiles ``(N, H, W, 3)``, in eval mode.
+
+    In float32 without autocast: the numbers ``evaluate`` and ``predict`` compute from the saved checkpoint.
+    """
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        _, label_logits = model(images_to_tensor(images[start : start + batch_size]).to(device))
+        outputs.append(torch.sigmoid(label_logits.float()).reshape(-1).cpu())
+    return torch.cat(outputs).numpy().astype(np.float64) if outputs else np.zeros(0, dtype=np.float64)
+
+
+def calibrate_head(
+    model: nn.Module, validation: SegmenterData, batch_size: int, device: torch.device
+) -> HeadCalibration:
+    """Chooses the head's tile threshold on ``validation`` (highest balanced accuracy) and scores it there.
+
+    The head learns from BCE on a curriculum that shows negative tiles late and rarely, so its
+    probabilities are not calibrated: 0.5 can call every tile positive while the ranking is perfect.
+    :func:`weakseg.metrics.choose_balanced_accuracy_threshold` states the rule, the tie rule and when
+    0.5 is kept (e.g. a validation split of one class).
+    """
+    scores = head_probabilities(model, validation.images, batch_size, device)
+    choice = choose_balanced_accuracy_threshold(validation.positives, scores)
+    return HeadCalibration(
+        threshold=choice.threshold,
+        reason=choice.reason,
+        metrics=classification_scores(validation.positives, scores, choice.threshold),
+    )
 
 
 def sum_over_ranks(result: ValidationResult, context: DistributedContext) -> ValidationResult:
@@ -290,8 +345,9 @@ def train_segmenter(
             every rank returns the same result.
 
     Returns:
-        The best weights (on the CPU), their epoch and metrics, the per-epoch history, and the epoch at
-        which early stopping ended the run, if it did.
+        The best weights (on the CPU), their epoch and metrics, the per-epoch history, the epoch at
+        which early stopping ended the run, if it did, and the best weights' head threshold chosen on
+        the validation split (:func:`calibrate_head`).
 
     Raises:
         ValueError: if the training split has no positive tile or the validation split is empty.
@@ -392,11 +448,15 @@ def train_segmenter(
         if past_warm_up and epochs_without_improvement >= params.early_stopping_patience and epoch < params.epochs:
             stopped_early_at = epoch
             break
+    # The kept epoch's head, thresholded on validation (every rank alike: same weights, same tiles).
+    model.load_state_dict(best_state)
+    head = calibrate_head(model, validation, local_batch_size, device)
     return SegmenterTrainingResult(
         best_state_dict=best_state,
         best_epoch=best_epoch,
         best_metrics=best_metrics,
         history=history,
         stopped_early_at=stopped_early_at,
+        head=head,
     )
 

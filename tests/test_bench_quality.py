@@ -1,0 +1,78 @@
+"""The quality benchmark's bookkeeping: rows from finished runs, mean ± sd, the regression check, the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks import bench_quality
+
+
+def _evaluate_json(weak: float, trivial: float) -> dict[str, Any]:
+    def scores(iou: float) -> dict[str, float]:
+        return {"iou": iou, "dice": 2 * iou / (1 + iou), "miou": (1 + iou) / 2}
+
+    return {
+        "segmenter": {"vs_truth": scores(weak)},
+        "baseline": {
+            "tissue_if_classified_positive": {"vs_truth": scores(trivial)},
+            "tissue_if_label_positive_oracle_label": {"vs_truth": scores(trivial + 0.05)},
+        },
+        "cam": {"vs_truth": scores(0.4)},
+        "pseudo": {"vs_truth": scores(0.45)},
+    }
+
+
+def _runs(dataset: str, weak: list[float], trivial: float, full: float) -> dict[str, Any]:
+    runs: dict[str, Any] = {}
+    for seed, weak_iou in enumerate(weak):
+        runs[f"{dataset}/weakseg/{seed}"] = {"seconds": 10.0, "metrics": _evaluate_json(weak_iou, trivial)}
+        runs[f"{dataset}/fully_supervised/{seed}"] = {"seconds": 20.0, "metrics": _evaluate_json(full, trivial)}
+    return runs
+
+
+def test_rows_hold_one_value_per_finished_seed_in_seed_order() -> None:
+    runs = _runs("demo", [0.5, 0.7], trivial=0.4, full=0.8)
+    table = bench_quality.quality_table(runs, ["demo"], [0, 1, 2])
+    section = table["demo"]
+    assert section["seeds"] == [0, 1]  # seed 2 has not run yet
+    assert section["methods"]["weakseg"]["iou"] == [0.5, 0.7]
+    assert section["methods"]["tissue_if_classified_positive"]["iou"] == [0.4, 0.4]
+    assert section["methods"]["tissue_if_label_positive_oracle_label"]["iou"] == [0.45, 0.45]
+    assert section["methods"]["fully_supervised"]["seconds"] == [20.0, 20.0]
+    assert "paper" not in section["methods"]
+    assert list(section["methods"]) == [row for row in bench_quality.ROW_ORDER if row in section["methods"]]
+    markdown = bench_quality.to_markdown({"machine": bench_quality.machine(), "datasets": table, "regressions": []})
+    assert "| `weakseg` |" in markdown and "0.600 ± 0.141" in markdown
+
+
+def test_regression_check_names_the_row_that_falls_below_its_floor() -> None:
+    runs = {**_runs("demo", [0.5, 0.5, 0.5], trivial=0.4, full=0.8), **_runs("ebhi-hgin-polyp", [0.5, 0.6, 0.55], 0.6, 0.7)}
+    table = bench_quality.quality_table(runs, ["demo", "ebhi-hgin-polyp"], [0, 1, 2])
+    failures = bench_quality.regressions(table)
+    assert len(failures) == 2
+    assert failures[0].startswith("ebhi-hgin-polyp: weakseg IoU 0.550 is below tissue_if_classified_positive 0.600")
+    assert "fully_supervised IoU 0.700 is below 0.75" in failures[1]
+    healthy = bench_quality.quality_table(_runs("ebhi-hgin-polyp", [0.8, 0.8, 0.8], 0.6, 0.78), ["ebhi-hgin-polyp"], [0, 1, 2])
+    assert bench_quality.regressions(healthy) == []
+
+
+def test_the_readme_table_is_replaced_between_its_markers_only(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    start, end = bench_quality.README_START, bench_quality.README_END
+    readme.write_text(f"intro\n{start}\nold table\n{end}\nafter\n")
+    assert bench_quality.update_readme("new table\n", readme)
+    assert readme.read_text() == f"intro\n{start}\nnew table\n{end}\nafter\n"
+    readme.write_text("no markers\n")
+    assert not bench_quality.update_readme("new table\n", readme)
+    assert readme.read_text() == "no markers\n"
+
+
+def test_paper_and_reference_rows_differ_from_the_default_only_where_they_should() -> None:
+    weak = bench_quality.method_params("demo", "weakseg", 1)
+    full = bench_quality.method_params("demo", "fully_supervised", 1)
+    assert weak["seed"] == 1 and weak["data"]["synthetic"]["seed"] == 1
+    assert full["segmenter"]["targets"] == "truth"
+    assert {key: value for key, value in full["segmenter"].items() if key != "targets"} == {
+        key: value for key, value in weak["segmenter"].items() if key != "targets"
+    }
