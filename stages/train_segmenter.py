@@ -192,8 +192,9 @@ def _train(params: StageParams, context: DistributedContext) -> None:
         tracking.log_artifact(HISTORY)
         tracking.log_artifact(METRICS)
     logger.info(
-        "best epoch %d: validation IoU %.4f, Dice %.4f (against pseudo-masks)",
+        "best epoch %d: validation IoU %.4f, Dice %.4f (against the %s masks)",
         result.best_epoch, result.best_metrics["val_iou"], result.best_metrics["val_dice"],
+        "true" if params.segmenter.targets == "truth" else "pseudo",
     )
     head = result.head
     (logger.warning if head.reason else logger.info)(

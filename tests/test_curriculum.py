@@ -59,3 +59,18 @@ def test_shards_are_disjoint_and_cover_the_epoch() -> None:
     shards = [shard_indices(indices, rank, 3) for rank in range(3)]
     assert sorted(np.concatenate(shards).tolist()) == sorted(indices.tolist())
     assert max(len(shard) for shard in shards) - min(len(shard) for shard in shards) <= 1
+
+
+def test_a_start_probability_lifts_the_ramp_and_one_to_one_is_no_curriculum() -> None:
+    from weakseg.params import CurriculumParams
+
+    ramp = CurriculumParams(positive_only_epochs=2, start_negative_probability=0.5, final_negative_probability=1.0)
+    assert [negative_probability(epoch, 6, ramp) for epoch in range(1, 7)] == [0.0, 0.0, 0.625, 0.75, 0.875, 1.0]
+    everything = CurriculumParams(positive_only_epochs=0, start_negative_probability=1.0, final_negative_probability=1.0)
+    labels = np.array([True, False, False, True, False])
+    for epoch in range(1, 4):
+        assert negative_probability(epoch, 3, everything) == 1.0
+        assert sorted(epoch_indices(labels, epoch, 3, everything, seed=1).tolist()) == [0, 1, 2, 3, 4]
+    # The default start (0) keeps the original ramp: final * (e - K) / (epochs - K).
+    default = CurriculumParams(positive_only_epochs=1, final_negative_probability=0.3)
+    assert negative_probability(3, 4, default) == 0.3 * 2 / 3

@@ -312,3 +312,23 @@ def test_stage_stores_the_validation_head_threshold(project: Path, monkeypatch: 
     assert (head["balanced_accuracy"], head["sensitivity"], head["specificity"], head["auc"]) == (1.0, 1.0, 1.0, 1.0)
     loaded = load_model(project / "models/segmenter.pt", "segmenter", torch.device("cpu"))
     assert loaded.head_threshold == pytest.approx(0.875)
+
+
+def test_onecycle_schedule_peaks_at_lr_and_anneals_over_every_batch() -> None:
+    import torch
+
+    from weakseg.params import SegmenterParams
+    from weakseg.training.segmenter import build_scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=0.002)
+    assert build_scheduler(optimizer, SegmenterParams(lr=0.002), 100) is None  # constant by default
+    scheduler = build_scheduler(optimizer, SegmenterParams(lr=0.002, lr_schedule="onecycle"), 100)
+    assert scheduler is not None
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(rates) == pytest.approx(0.002, rel=1e-3) and rates.index(max(rates)) in range(28, 32)
+    assert rates[0] < 0.002 / 10 and rates[-1] < 0.002 / 1000

@@ -290,6 +290,10 @@ class CurriculumParams(_Strict):
     """Positive tiles first, then negatives at a rising probability."""
 
     positive_only_epochs: int = Field(10, ge=0)
+    start_negative_probability: float = Field(
+        0.0, ge=0.0, le=1.0, description="Where the linear ramp to final_negative_probability starts (at epoch "
+        "positive_only_epochs); start = final = 1 trains on every tile in every epoch."
+    )
     final_negative_probability: float = Field(0.3, ge=0.0, le=1.0)
 
 
@@ -311,6 +315,9 @@ class SegmenterParams(_Strict):
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="The paper's SGD, or AdamW.")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0.0)
+    lr_schedule: Literal["constant", "onecycle"] = Field(
+        "constant", description="'onecycle': warm up to lr, then anneal towards 0, stepped per batch."
+    )
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-3, ge=0.0)
     grad_clip_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")

@@ -19,7 +19,8 @@ def negative_probability(epoch: int, epochs: int, curriculum: CurriculumParams) 
 
     Epochs ``1 .. positive_only_epochs`` see no negative tile (0.0). After them the probability rises
     linearly and reaches ``final_negative_probability`` at the last epoch: epoch ``e`` gets
-    ``final * (e - K) / (epochs - K)`` with ``K = positive_only_epochs``.
+    ``start + (final - start) * (e - K) / (epochs - K)`` with ``K = positive_only_epochs`` and ``start =
+    start_negative_probability`` (0 by default; ``start = final = 1``: every tile in every epoch).
 
     Args:
         epoch: the epoch, from 1.
@@ -34,7 +35,8 @@ def negative_probability(epoch: int, epochs: int, curriculum: CurriculumParams) 
     warm_up = curriculum.positive_only_epochs
     if epoch <= warm_up:
         return 0.0
-    return float(curriculum.final_negative_probability * (epoch - warm_up) / (epochs - warm_up))
+    start = curriculum.start_negative_probability
+    return float(start + (curriculum.final_negative_probability - start) * (epoch - warm_up) / (epochs - warm_up))
 
 
 def epoch_indices(

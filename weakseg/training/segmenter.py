@@ -119,6 +119,21 @@ class SegmenterDivergedError(UserInputError):
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, params: SegmenterParams, total_steps: int
+) -> torch.optim.lr_scheduler.OneCycleLR | None:
+    """``segmenter.lr_schedule``: None for a constant ``lr``, or a one-cycle schedule peaking at ``lr``.
+
+    One-cycle warms up over the first 30 % of the steps and anneals towards 0, stepped once per batch;
+    momentum is not cycled (as in the classifier).
+    """
+    if params.lr_schedule == "constant" or total_steps <= 0:
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=params.lr, total_steps=total_steps, cycle_momentum=False
+    )
+
+
 def _seed_worker_augmentation(worker_id: int) -> None:
     """Gives each loader worker its own augmentation stream, derived from the epoch's seed."""
     info = get_worker_info()
@@ -197,8 +212,11 @@ def train_one_epoch(
     mixed_precision: bool,
     description: str = "training",
     context: DistributedContext | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
     """One pass over ``loader``; returns the tile-weighted mean training loss.
+
+    ``scheduler``, when given, is stepped once per batch, after the optimizer.
 
     Under a distributed ``context`` every rank computes the loss of the global batch
     (:func:`gather_batch`): Dice and Lovasz are set-level losses, so per-rank losses would differ from
@@ -232,6 +250,8 @@ def train_one_epoch(
         if grad_clip_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         # len(masks): the global batch under DDP, whose loss every rank holds.
         loss_sum += float(loss.detach()) * len(masks)
         tiles += len(masks)
@@ -392,16 +412,25 @@ def train_segmenter(
     history: list[dict[str, Any]] = []
     epochs_without_improvement = 0
     stopped_early_at: int | None = None
+    # Every epoch's batches are a pure function of (seed, epoch), so the schedule knows its length up front.
+    epoch_batches: list[list[list[int]]] = []
     for epoch in range(1, params.epochs + 1):
-        probability = negative_probability(epoch, params.epochs, params.curriculum)
         indices = epoch_indices(train.positives, epoch, params.epochs, params.curriculum, seed)
         if distributed is None:
+            epoch_batches.append(training_batches(indices, params.batch_size))
+        else:
+            epoch_batches.append(
+                distributed_training_batches(indices, params.batch_size, distributed.rank, distributed.world_size)
+            )
+    scheduler = build_scheduler(optimizer, params, sum(len(batches) for batches in epoch_batches))
+    for epoch in range(1, params.epochs + 1):
+        probability = negative_probability(epoch, params.epochs, params.curriculum)
+        batches = epoch_batches[epoch - 1]
+        if distributed is None:
             train_dataset.start_epoch(worker_seed(seed, epoch))
-            batches = training_batches(indices, params.batch_size)
         else:
             # Ranks must not share one augmentation stream, or their tiles would be transformed alike.
             train_dataset.start_epoch(worker_seed(worker_seed(seed, epoch), 1_000 + distributed.rank))
-            batches = distributed_training_batches(indices, params.batch_size, distributed.rank, distributed.world_size)
         loader = batch_loader(train_dataset, batches, params.num_workers)
         train_loss = train_one_epoch(
             trained_model,
@@ -413,6 +442,7 @@ def train_segmenter(
             params.mixed_precision,
             description=f"epoch {epoch}/{params.epochs}",
             context=distributed,
+            scheduler=scheduler,
         )
         if distributed is not None:
             average_buffers(model, distributed)
