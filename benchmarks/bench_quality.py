@@ -15,9 +15,9 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
 
 Each (dataset, method, seed) runs ``dvc repro`` in one project copy per dataset under ``.bench/quality``
 (git-ignored), so DVC's run cache restores every stage an earlier run already computed; a finished run's
-scores are kept in ``runs.json`` there, and an interrupted benchmark resumes where it stopped. ``seconds``
-is the wall time of the run's ``dvc repro``: stages restored from the run cache (shared with an earlier
-row) cost nothing again.
+scores are kept in ``runs.json`` there, and an interrupted benchmark resumes where it stopped. Only
+committed code is measured (``git archive HEAD``). ``seconds`` is the sum of the row's seven stage times
+as each stage logged them when it ran; a stage shared by several rows (the classifier, say) counts in each.
 
 The check at the end exits non-zero, naming the row, when the default method's mean IoU falls below the
 classifier-gated trivial baseline's on a dataset, or the fully supervised reference's below 0.75 on EBHI.
@@ -138,22 +138,44 @@ CODE = ("weakseg", "stages", "dvc.yaml")
 
 
 def sync_code(project: Path) -> str:
-    """Copies the pipeline's code into the benchmark's project and returns its fingerprint.
+    """Puts the pipeline's committed code (``HEAD``) into the benchmark's project; returns its fingerprint.
 
-    A finished run counts only for the code it ran with; DVC re-runs the stages whose code changed.
+    Only committed code is measured, so work in progress in the checkout never leaks into a result, and
+    the fingerprint (git's tree hashes) names what ran. A finished run counts only for the code it ran
+    with; DVC re-runs just the stages whose code changed and restores the rest from its run cache.
     """
-    digest = hashlib.sha256()
+    import subprocess
+    import tarfile
+    import io
+
+    trees = subprocess.run(
+        ["git", "rev-parse", *(f"HEAD:{name}" for name in CODE)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", "HEAD", *CODE], cwd=PROJECT_ROOT, capture_output=True, check=True
+    ).stdout
     for name in CODE:
-        source, target = PROJECT_ROOT / name, project / name
-        files = sorted(source.rglob("*.py")) if source.is_dir() else [source]
-        for path in files:
-            digest.update(str(path.relative_to(PROJECT_ROOT)).encode() + b"\0" + path.read_bytes())
-        if source.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    return digest.hexdigest()[:16]
+        target = project / name
+        if target.is_dir():
+            shutil.rmtree(target)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(project, filter="data")
+    return hashlib.sha256(" ".join(trees).encode()).hexdigest()[:16]
+
+
+def merged_stage_seconds(runs: dict[str, Any], key: str, seconds: dict[str, float]) -> dict[str, float]:
+    """The row's seven stage times: those that ran now, the rest from the run that computed them.
+
+    Stages restored from DVC's run cache take no time now; their time is the one recorded when they ran
+    (the same row's earlier record, else the same seed's ``weakseg`` row, which runs first).
+    """
+    dataset, _, seed = key.split("/")
+    merged = dict(seconds)
+    for source in (runs.get(key), runs.get(f"{dataset}/weakseg/{seed}")):
+        for stage, value in ((source or {}).get("stage_seconds") or {}).items():
+            merged.setdefault(stage, value)
+    return merged
 
 
 def _load_runs(path: Path) -> dict[str, Any]:
@@ -191,10 +213,13 @@ def run_dataset(
                 None,
             )
             if twin is not None:
-                runs[key] = {**runs[twin], "same_as": twin, "seconds": 0.0}
+                runs[key] = {**runs[twin], "same_as": twin}
             else:
                 print(f"== {key}", file=sys.stderr, flush=True)
-                runs[key] = {"params": params, "code": code, **run_one(project, params)}
+                record = run_one(project, params)
+                record["stage_seconds"] = merged_stage_seconds(runs, key, record["stage_seconds"])
+                record["seconds"] = round(sum(record["stage_seconds"].values()), 1)
+                runs[key] = {"params": params, "code": code, **record}
             save()
 
 
@@ -256,8 +281,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Test partition, against the true masks, pooled over every test pixel (negatives included); mean ± sd "
         f"over the seeds listed. Measured by `make bench-quality` on {machine['cpu_cores']} CPU cores "
-        f"({machine['device']}, torch {machine['torch']}, {machine['date']}). `seconds`: wall time of the row's "
-        "`dvc repro` (stages restored from DVC's run cache, shared with an earlier row, cost nothing again).",
+        f"({machine['device']}, torch {machine['torch']}, {machine['date']}). `seconds`: the sum of the row's "
+        "seven stage times (a stage shared by several rows, such as the classifier, counts in each).",
         "",
     ]
     uses = {row: what for row, (_, what) in DERIVED_ROWS.items()} | TRAINED_ROWS

@@ -76,13 +76,14 @@ class TestTile:
     """
 
     tile: Tile
-    prediction: np.ndarray
+    prediction: np.ndarray  # the segmenter's mask as the pipeline outputs it (after evaluate.segmenter_gate)
     pseudo: np.ndarray
     cam_mask: np.ndarray
     tissue: np.ndarray
     truth: np.ndarray | None
     classifier_probability: float
     head_probability: float
+    prediction_ungated: np.ndarray | None = None  # the mask before the gate (None: no gate, the same)
     image: np.ndarray | None = None
     probability: np.ndarray | None = None
 
@@ -149,9 +150,13 @@ def _score_tiles(
             # The same post-processing as `predict`: lesion pixels are tissue by definition.
             predicted &= tissue
         cam_mask = threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
+        ungated = None
+        if settings.segmenter_gate == "classifier" and prediction.tile_probabilities["classifier"] < settings.threshold:
+            ungated, predicted = predicted, np.zeros_like(predicted)
         record = TestTile(
             tile=tile,
             prediction=predicted,
+            prediction_ungated=ungated,
             pseudo=pseudo,
             cam_mask=cam_mask,
             tissue=tissue,
@@ -226,6 +231,12 @@ def compute_metrics(
             "vs_truth": metrics.segmentation_scores(gate(tissues, labels), truths, labels)
         }
         result["segmenter"]["vs_truth"] = metrics.segmentation_scores(predictions, truths, labels)
+        # What the classification gate does, whichever is configured (an ablation at no cost).
+        ungated = [r.prediction if r.prediction_ungated is None else r.prediction_ungated for r in scored]
+        result["segmenter_ungated"] = {"vs_truth": metrics.segmentation_scores(ungated, truths, labels)}
+        result["segmenter_classifier_gated"] = {
+            "vs_truth": metrics.segmentation_scores(gate(ungated, classified_positive), truths, labels)
+        }
         cams = [record.cam_mask for record in scored]
         pseudos = [record.pseudo for record in scored]
         for key, masks, keep in (
@@ -389,6 +400,7 @@ def _evaluate(params: StageParams, context: DistributedContext | None) -> None:
     result = compute_metrics(
         scored, settings.threshold, settings.min_foreground_pixels, has_truth, head_threshold=head_threshold
     )
+    result["settings"]["segmenter_gate"] = settings.segmenter_gate
     labels = [record.tile.positive for record in scored]
     classifier_scores = [record.classifier_probability for record in scored]
     roc_curves = [

@@ -351,3 +351,28 @@ def test_cam_and_pseudo_rows_are_gated_by_the_classifier_not_the_label() -> None
     assert result["baseline"]["tissue_if_label_positive_oracle_label"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / tissue)
     # The segmenter's pseudo-mask reference is gated by the label: the negative tiles' masks are empty.
     assert result["segmenter"]["vs_pseudo"]["iou"] == 1.0
+
+
+def test_the_classifier_gate_empties_the_segmenter_mask_of_tiles_called_negative(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
+) -> None:
+    """With evaluate.segmenter_gate: classifier, a tile the classifier calls negative has an empty mask;
+    both variants are reported whichever gate is configured."""
+    _build_project(tmp_path, with_truth=True)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    results = {}
+    for gate, threshold in (("none", 0.5), ("classifier", 0.5), ("classifier", 0.999)):
+        params["evaluate"].update({"segmenter_gate": gate, "threshold": threshold})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+        results[(gate, threshold)] = json.loads(Path("metrics/evaluate.json").read_text())
+    ungated, gated, strict = results[("none", 0.5)], results[("classifier", 0.5)], results[("classifier", 0.999)]
+    assert gated["settings"]["segmenter_gate"] == "classifier"
+    for result in (ungated, gated):
+        assert result["segmenter_ungated"]["vs_truth"] == ungated["segmenter"]["vs_truth"]
+        assert result["segmenter_classifier_gated"]["vs_truth"] == gated["segmenter"]["vs_truth"]
+    # A classifier that calls every tile negative (threshold 0.999 on an untrained one) empties every mask.
+    assert strict["tiles"]["classified_positive"] == 0
+    assert strict["segmenter"]["vs_truth"]["iou"] == 0.0
+    assert strict["segmenter_ungated"]["vs_truth"]["iou"] == pytest.approx(ungated["segmenter"]["vs_truth"]["iou"])

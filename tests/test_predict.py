@@ -288,3 +288,16 @@ def test_head_tile_decision_uses_the_checkpoint_threshold(
     assert (decisions["old"]["tile_threshold"], decisions["old"]["tile_positive"]) == ("0.500000", "1")
     assert any("old.pt" in record.getMessage() and "head_threshold" in record.getMessage() for record in caplog.records)
     assert not any("calibrated.pt" in record.getMessage() for record in caplog.records)
+
+
+def test_gate_empties_the_mask_of_a_tile_decided_negative() -> None:
+    from weakseg.inference import ImagePrediction
+
+    probability = np.full((8, 8), 0.9, dtype=np.float32)
+    doubtful = ImagePrediction(probability, {"head": 0.7}, 1)
+    assert predict.summarize(doubtful, None, 0.5, head_threshold=0.9).mask.all()  # no gate: the mask stays
+    gated = predict.summarize(doubtful, None, 0.5, head_threshold=0.9, gate=True)
+    assert not gated.mask.any() and not gated.tile_positive
+    sure = ImagePrediction(probability, {"head": 0.95, "classifier": 0.6}, 1)
+    assert predict.summarize(sure, None, 0.5, head_threshold=0.99, gate=True).mask.all()  # the classifier decides
+    assert predict.parse_options(["--input", "a", "--output", "b", "--gate"]).gate

@@ -93,6 +93,7 @@ class PredictOptions:
     tissue_min_object_size: int | None = None  # None: as the stain reference file records
     tissue_min_hole_size: int | None = None
     workers: int = 2
+    gate: bool = False  # empty the mask of a tile whose tile decision is negative (evaluate.segmenter_gate)
 
 
 # The keyword arguments of weakseg.stain.tissue_mask that the normalize stage records.
@@ -222,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-tissue-mask", action="store_true", help="do not restrict the mask to tissue")
     parser.add_argument(
+        "--gate",
+        action="store_true",
+        help="empty the mask of a tile whose tile decision is negative (as evaluate.segmenter_gate: classifier "
+        "does; with --classifier the classifier decides, else the segmenter head)",
+    )
+    parser.add_argument(
         "--tissue-min-object-size", type=int, default=None, help="override the stain reference's recorded value"
     )
     parser.add_argument(
@@ -264,6 +271,7 @@ def parse_options(argv: Sequence[str] | None) -> PredictOptions:
         tissue_min_object_size=arguments.tissue_min_object_size,
         tissue_min_hole_size=arguments.tissue_min_hole_size,
         workers=arguments.workers,
+        gate=arguments.gate,
     )
 
 
@@ -312,7 +320,11 @@ def prepare_image(
 
 
 def summarize(
-    prediction: ImagePrediction, tissue: np.ndarray | None, threshold: float, head_threshold: float
+    prediction: ImagePrediction,
+    tissue: np.ndarray | None,
+    threshold: float,
+    head_threshold: float,
+    gate: bool = False,
 ) -> TileResult:
     """The mask (thresholded, inside tissue) and tile probability (classifier if present, else the head).
 
@@ -321,6 +333,7 @@ def summarize(
         tissue: its tissue mask, or None to keep every pixel.
         threshold: the pixel threshold, and the classifier's tile threshold.
         head_threshold: the segmenter head's tile threshold (from its checkpoint).
+        gate: empty the mask when the tile decision is negative.
 
     Raises:
         PredictInputError: if the prediction has no probability map (no segmenter ran).
@@ -333,6 +346,8 @@ def summarize(
     source = "classifier" if "classifier" in prediction.tile_probabilities else "head"
     tile_probability = prediction.tile_probabilities[source]
     tile_threshold = threshold if source == "classifier" else head_threshold
+    if gate and tile_probability < tile_threshold:
+        mask = np.zeros_like(mask)
     return TileResult(
         prediction.probability,
         mask,
@@ -435,7 +450,9 @@ def run_predict(options: PredictOptions) -> list[str]:
         writes: deque[Future[dict[str, Any]]] = deque()
         predictions = predict_images(prepared_images(), forward, segmenter.preprocessing, device, options.batch_size, overlap)
         for prepared, prediction in tqdm(predictions, total=len(paths), desc="predict", unit="image"):
-            result = summarize(prediction, prepared.tissue, options.threshold, segmenter.head_threshold)
+            result = summarize(
+                prediction, prepared.tissue, options.threshold, segmenter.head_threshold, options.gate
+            )
             writes.append(pool.submit(write_outputs, options.output, prepared, result))
             while len(writes) > 2 * options.batch_size:
                 rows.append(writes.popleft().result())
