@@ -7,11 +7,14 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
 
 - ``weakseg``: the default method (the dataset's preset as it stands);
 - ``paper``: the paper's chain at the same CPU budget (the preset with ``presets/paper-mhist.yaml``'s
-  ``cam`` and ``refine`` sections); a run whose params equal another row's is not run twice;
+  ``cam`` and ``refine`` sections and its ungated segmenter; the same classifier as ``weakseg``, so the rows
+  differ in the pseudo-masks and the gate only); a run whose params equal another row's is not run twice;
 - ``fully_supervised``: the same preset with ``segmenter.targets: truth`` (the yardstick);
 - from each ``weakseg`` run's ``metrics/evaluate.json``: ``tissue_if_classified_positive`` (all tissue on
   tiles that run's classifier calls positive), ``tissue_if_label_positive_oracle_label``, and the ablation
-  rows ``cam_thresholded`` and ``pseudo_masks`` (classifier-gated, as the pipeline would output them).
+  rows ``cam_thresholded`` and ``pseudo_masks`` (classifier-gated, as the pipeline would output them);
+- ablations read from the trained runs' ``evaluate.json``: ``paper_classifier_gated`` (the paper's
+  segmenter with weakseg's classification gate) and ``weakseg_ungated`` (weakseg without the gate).
 
 Each (dataset, method, seed) runs ``dvc repro`` in one project copy per dataset under ``.bench/quality``
 (git-ignored), so DVC's run cache restores every stage an earlier run already computed; a finished run's
@@ -62,9 +65,18 @@ DERIVED_ROWS = {
     "cam_thresholded": ("cam.vs_truth", "the classifier's CAM at the quantile, classifier decisions"),
     "pseudo_masks": ("pseudo.vs_truth", "refined pseudo-masks (morphology, CRF), classifier decisions"),
 }
+# Ablation rows read from a trained run's evaluate.json: (row, source run, path, what it uses).
+VARIANT_ROWS = {
+    "paper_classifier_gated": (
+        "paper",
+        "segmenter_classifier_gated.vs_truth",
+        "the paper's segmenter, classifier-gated",
+    ),
+    "weakseg_ungated": ("weakseg", "segmenter_ungated.vs_truth", "weakseg without the classification gate"),
+}
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
-    "weakseg": "the default method of the preset, tile labels only",
+    "weakseg": "the default method (ignore band, no CRF, classifier gate, balanced classifier), tile labels only",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
 ROW_ORDER = [
@@ -73,6 +85,8 @@ ROW_ORDER = [
     "cam_thresholded",
     "pseudo_masks",
     "paper",
+    "paper_classifier_gated",
+    "weakseg_ungated",
     "weakseg",
     "fully_supervised",
 ]
@@ -105,6 +119,7 @@ def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
     if method == "paper":
         paper = yaml.safe_load((PROJECT_ROOT / "presets" / "paper-mhist.yaml").read_text())
         params["cam"], params["refine"] = paper["cam"], paper["refine"]
+        params["evaluate"]["segmenter_gate"] = paper["evaluate"]["segmenter_gate"]
     elif method == "fully_supervised":
         _set(params, "segmenter.targets", "truth")
     elif method != "weakseg":
@@ -112,9 +127,12 @@ def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
     return params
 
 
-def _scores(metrics: dict[str, Any], dotted: str) -> dict[str, float]:
+def _scores(metrics: dict[str, Any], dotted: str) -> dict[str, float] | None:
+    """The IoU, Dice and mIoU at ``dotted`` in an evaluate.json (None where the run did not write it)."""
     value: Any = metrics
     for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
         value = value[part]
     return {key: float(value[key]) for key in KEYS}
 
@@ -233,15 +251,18 @@ def quality_table(runs: dict[str, Any], datasets: Sequence[str], seeds: Sequence
             weak = runs[f"{dataset}/weakseg/{seed}"]
             for row, (path, _) in DERIVED_ROWS.items():
                 entry = methods.setdefault(row, {key: [] for key in (*KEYS, "seconds")})
-                for key, value in _scores(weak["metrics"], path).items():
+                for key, value in (_scores(weak["metrics"], path) or {}).items():
                     entry[key].append(round(value, 4))
                 entry["seconds"].append(weak["seconds"])
-            for row in TRAINED_ROWS:
-                run = runs.get(f"{dataset}/{row}/{seed}")
-                if run is None:
+            sources = [(row, row, "segmenter.vs_truth") for row in TRAINED_ROWS]
+            sources += [(row, source, path) for row, (source, path, _) in VARIANT_ROWS.items()]
+            for row, source, path in sources:
+                run = runs.get(f"{dataset}/{source}/{seed}")
+                scores = _scores(run["metrics"], path) if run is not None else None
+                if scores is None:
                     continue
                 entry = methods.setdefault(row, {key: [] for key in (*KEYS, "seconds")})
-                for key, value in _scores(run["metrics"], "segmenter.vs_truth").items():
+                for key, value in scores.items():
                     entry[key].append(round(value, 4))
                 entry["seconds"].append(run["seconds"])
         table[dataset] = {"seeds": done, "methods": {row: methods[row] for row in ROW_ORDER if row in methods}}
@@ -286,6 +307,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     uses = {row: what for row, (_, what) in DERIVED_ROWS.items()} | TRAINED_ROWS
+    uses |= {row: what for row, (_, _, what) in VARIANT_ROWS.items()}
     for dataset, section in report["datasets"].items():
         lines += [f"**{dataset}** (seeds {', '.join(map(str, section['seeds'])) or 'none yet'})", ""]
         lines += ["| method | uses | IoU | Dice | mIoU | seconds |", "| --- | --- | --- | --- | --- | --- |"]

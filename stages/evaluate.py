@@ -2,9 +2,10 @@
 
 Every row scores what the pipeline itself would output at test time: the thresholded CAM, the refined
 pseudo-mask and the trivial tissue baseline of a test tile count only where the classifier calls the tile
-positive (its label is not known at test time). Rows ending in ``_oracle_label`` gate by the true label
-instead, to show what the classifier's mistakes cost. The segmenter's ``vs_pseudo`` reference is the
-pseudo-mask gated by the label (the paper's protocol).
+positive (its label is not known at test time), at the decision threshold ``train_classifier`` chose on the
+validation split (the checkpoint's ``decision_threshold``; ``evaluate.threshold`` thresholds pixels).
+Rows ending in ``_oracle_label`` gate by the true label instead, to show what the classifier's mistakes
+cost. The segmenter's ``vs_pseudo`` reference is the pseudo-mask gated by the label (the paper's protocol).
 
 Reads only test tiles. Writes ``metrics/evaluate.json`` (the names of ``../shared/PIPELINE.md``, plus the
 segmenter's tile-level decisions and tile counts), ``metrics/roc.csv`` and ``metrics/confusion.csv`` for
@@ -32,7 +33,7 @@ from weakseg import figures, metrics
 from weakseg.data.layout import Tile, partition, read_annotations
 from weakseg.errors import UserInputError
 from weakseg.inference import InferenceError, load_model, make_forward, predict_images
-from weakseg.io import atomic_directory, atomic_path, read_gray, read_mask, read_rgb, write_json
+from weakseg.io import atomic_directory, atomic_path, read_gray, read_mask, read_pseudo_mask, read_rgb, write_json
 from weakseg.params import StageParams
 from weakseg.refine import threshold_cam
 from weakseg.stage import run_stage
@@ -111,7 +112,8 @@ def _score_tiles(
     """Runs both models over the test tiles and gathers every mask the metrics need.
 
     ``device`` (a distributed rank's GPU) replaces ``evaluate.device`` when given. Returns the scored
-    tiles, whether true masks exist, and the segmenter head's tile threshold from its checkpoint.
+    tiles, whether true masks exist, and the tile thresholds of the segmenter head and of the classifier
+    from their checkpoints.
     """
     settings = params.evaluate
     if device is None:
@@ -129,6 +131,7 @@ def _score_tiles(
             )
     has_truth = TRUE_MASKS.is_dir()
     forward = make_forward(segmenter.model, classifier.model)
+    classifier_threshold = classifier.decision_threshold
 
     def images() -> Iterator[tuple[int, np.ndarray]]:
         for index, tile in enumerate(tiles):
@@ -143,7 +146,8 @@ def _score_tiles(
         shape = prediction.probability.shape
         tissue = _check_shape(NORMALIZED / "tissue" / tile.name, read_mask(NORMALIZED / "tissue" / tile.name), shape)
         cam = _check_shape(CAMS / tile.name, read_gray(CAMS / tile.name), shape)
-        pseudo = _check_shape(PSEUDO_MASKS / tile.name, read_mask(PSEUDO_MASKS / tile.name), shape)
+        # The foreground only: a pseudo-mask's ignored band (128) is not lesion.
+        pseudo = _check_shape(PSEUDO_MASKS / tile.name, read_pseudo_mask(PSEUDO_MASKS / tile.name)[0], shape)
         truth = _check_shape(TRUE_MASKS / tile.name, read_mask(TRUE_MASKS / tile.name), shape) if has_truth else None
         predicted = prediction.probability >= settings.threshold
         if params.refine.restrict_to_tissue:
@@ -151,7 +155,8 @@ def _score_tiles(
             predicted &= tissue
         cam_mask = threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
         ungated = None
-        if settings.segmenter_gate == "classifier" and prediction.tile_probabilities["classifier"] < settings.threshold:
+        called_negative = prediction.tile_probabilities["classifier"] < classifier_threshold
+        if settings.segmenter_gate == "classifier" and called_negative:
             ungated, predicted = predicted, np.zeros_like(predicted)
         record = TestTile(
             tile=tile,
@@ -168,7 +173,7 @@ def _score_tiles(
             record.image = read_rgb(NORMALIZED / "images" / tile.name)
             record.probability = prediction.probability
         scored.append(record)
-    return scored, has_truth, segmenter.head_threshold
+    return scored, has_truth, segmenter.head_threshold, classifier_threshold
 
 
 def gate(masks: Sequence[np.ndarray], keep: Sequence[bool]) -> list[np.ndarray]:
@@ -182,15 +187,18 @@ def compute_metrics(
     min_foreground_pixels: int,
     has_truth: bool,
     head_threshold: float | None = None,
+    classifier_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Every number of ``metrics/evaluate.json`` from the scored tiles.
 
-    ``threshold`` is both the pixel threshold and the classifier's decision threshold: a tile the
-    classifier calls negative gets empty CAM, pseudo-mask and baseline masks in the fair rows.
-    ``head_threshold`` is the segmenter head's tile threshold (its checkpoint's; ``threshold`` if None).
+    ``threshold`` is the pixel threshold. ``classifier_threshold`` is the classifier's decision threshold
+    (its checkpoint's; ``threshold`` if None): a tile the classifier calls negative gets empty CAM,
+    pseudo-mask and baseline masks in the fair rows. ``head_threshold`` is the segmenter head's tile
+    threshold (its checkpoint's; ``threshold`` if None).
     """
     labels = [record.tile.positive for record in scored]
-    classified_positive = [record.classifier_probability >= threshold for record in scored]
+    classifier_cut = threshold if classifier_threshold is None else float(classifier_threshold)
+    classified_positive = [record.classifier_probability >= classifier_cut for record in scored]
     areas = [float(np.count_nonzero(record.prediction)) for record in scored]
     predictions = [record.prediction for record in scored]
     pseudo_reference = gate([record.pseudo for record in scored], labels)
@@ -198,7 +206,11 @@ def compute_metrics(
     area_threshold = float(min_foreground_pixels) + 1.0
     head_cut = threshold if head_threshold is None else float(head_threshold)
     result: dict[str, Any] = {
-        "classifier": metrics.classification_scores(labels, [r.classifier_probability for r in scored], threshold),
+        # The classifier decides at the threshold train_classifier chose on validation (its checkpoint's).
+        "classifier": {
+            **metrics.classification_scores(labels, [r.classifier_probability for r in scored], classifier_cut),
+            "threshold": classifier_cut,
+        },
         "segmenter": {"vs_pseudo": metrics.segmentation_scores(predictions, pseudo_reference, labels)},
         "segmenter_tile": {
             # The head decides at the threshold train_segmenter chose on validation (its checkpoint's).
@@ -270,6 +282,7 @@ def _row_title(record: TestTile) -> str:
 def _write_figures(folder: Path, shown: Sequence[TestTile], has_truth: bool, params: StageParams, result: dict[str, Any]) -> None:
     """Overlays, error maps, uncertainty maps and ROC/confusion pictures of the selected tiles."""
     threshold = params.evaluate.threshold
+    classifier_threshold = float(result["classifier"]["threshold"])
     row_titles = [_row_title(record) for record in shown]
     overlay_rows: list[list[np.ndarray]] = []
     error_rows: list[list[np.ndarray]] = []
@@ -281,7 +294,7 @@ def _write_figures(folder: Path, shown: Sequence[TestTile], has_truth: bool, par
         # What the figures show is what the metrics score: pseudo-masks gated by the label (the segmenter's
         # reference), CAM and pseudo-mask errors gated by the classifier's decision.
         pseudo_reference = record.pseudo if record.tile.positive else np.zeros_like(record.pseudo)
-        decided = record.classifier_probability >= threshold
+        decided = record.classifier_probability >= classifier_threshold
         row = [image, pseudo_reference]
         if record.truth is not None:
             row.append(record.truth)
@@ -387,10 +400,12 @@ def _evaluate(params: StageParams, context: DistributedContext | None) -> None:
     shown = {tile.name for tile in selected}
     try:
         if context is None or not context.enabled:
-            scored, has_truth, head_threshold = _score_tiles(params, tiles, shown)
+            scored, has_truth, head_threshold, classifier_threshold = _score_tiles(params, tiles, shown)
         else:
             # Each rank scores every world_size-th tile; rank 0 puts them back in order and goes on alone.
-            share, has_truth, head_threshold = _score_tiles(params, shard(tiles, context), shown, context.device)
+            share, has_truth, head_threshold, classifier_threshold = _score_tiles(
+                params, shard(tiles, context), shown, context.device
+            )
             shares = gather_objects(share, context)
             if not context.is_main:
                 return
@@ -398,7 +413,12 @@ def _evaluate(params: StageParams, context: DistributedContext | None) -> None:
     except InferenceError as error:
         raise EvaluateInputError(str(error)) from None
     result = compute_metrics(
-        scored, settings.threshold, settings.min_foreground_pixels, has_truth, head_threshold=head_threshold
+        scored,
+        settings.threshold,
+        settings.min_foreground_pixels,
+        has_truth,
+        head_threshold=head_threshold,
+        classifier_threshold=classifier_threshold,
     )
     result["settings"]["segmenter_gate"] = settings.segmenter_gate
     labels = [record.tile.positive for record in scored]
@@ -422,7 +442,9 @@ def _evaluate(params: StageParams, context: DistributedContext | None) -> None:
         CONFUSION,
         ["actual", "predicted"],
         metrics.confusion_rows(
-            labels, [score >= settings.threshold for score in classifier_scores], (negative_name, params.data.positive_label)
+            labels,
+            [score >= classifier_threshold for score in classifier_scores],
+            (negative_name, params.data.positive_label),
         ),
     )
     METRICS.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """The ``refine_masks`` stage: CAM -> pseudo-mask for every tile, with step-by-step diagnostics.
 
 Reads ``data/cams``, ``data/normalized/{images,tissue,annotations.csv}`` and, where it exists,
-``data/raw/masks`` (truth, only to score). Writes ``data/pseudo_masks/NAME.png`` (0/255),
-``metrics/pseudo_masks.json`` and ``figures/refine_masks/contact_sheet.png``.
+``data/raw/masks`` (truth, only to score). Writes ``data/pseudo_masks/NAME.png`` (0 background, 255
+foreground and, with ``refine.background_quantile`` set, 128 for the band the segmenter's loss ignores; read
+them with :func:`weakseg.io.read_pseudo_mask`), ``metrics/pseudo_masks.json`` and
+``figures/refine_masks/contact_sheet.png``.
 
 A negative train tile's pseudo-mask is empty (its label says so; its CAM is not read). Test tiles are
 refined whatever their label, since the pipeline does not know it at test time: ``evaluate`` gates them by
@@ -27,7 +29,7 @@ from tqdm import tqdm
 from weakseg.data.layout import PARTITIONS, Tile, pick_figure_tiles, read_annotations
 from weakseg.errors import UserInputError
 from weakseg.figures import heatmap, overlay_mask, save_figure
-from weakseg.io import atomic_directory, read_gray, read_mask, read_rgb, write_json, write_png
+from weakseg.io import atomic_directory, pseudo_mask_pixels, read_gray, read_mask, read_rgb, write_json, write_png
 from weakseg.metrics import PixelCounts, tile_iou
 from weakseg.params import RefineParams, StageParams
 from weakseg.refine import CrfSettings, RefinementSteps, RefineSettings, foreground_fraction, refine_pseudo_mask
@@ -74,6 +76,7 @@ def settings_from_params(refine: RefineParams) -> RefineSettings:
         closing_kernel=refine.closing_kernel,
         min_object_size=refine.min_object_size,
         crf=crf_settings,
+        background_quantile=refine.background_quantile,
     )
 
 
@@ -99,6 +102,7 @@ class TileResult:
     positive: bool
     foreground_fraction: float
     tissue_fraction: float
+    ignored_fraction: float = 0.0  # the ignored share of the tissue (refine.background_quantile)
     # Per step: (true_positive, false_positive, false_negative, true_negative), and the tile IoU.
     counts: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     iou: dict[str, float] = field(default_factory=dict)
@@ -125,12 +129,13 @@ def refine_tile(job: TileJob, settings: RefineSettings) -> TileResult:
         return TileResult(name=job.name, positive=job.positive, foreground_fraction=0.0, tissue_fraction=0.0)
     cam, image, tissue = load_tile(job)
     steps = refine_pseudo_mask(cam, image, tissue, True, settings)
-    write_png(job.output, steps.refined)
+    write_png(job.output, pseudo_mask_pixels(steps.refined, steps.ignore))
     result = TileResult(
         name=job.name,
         positive=job.positive,
         foreground_fraction=foreground_fraction(steps.refined),
         tissue_fraction=foreground_fraction(steps.refined, tissue),
+        ignored_fraction=foreground_fraction(steps.ignore, tissue),
     )
     if job.truth is not None and job.positive:
         truth = read_mask(job.truth)
@@ -211,7 +216,11 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def summarize(
-    results: Sequence[TileResult], tiles: Sequence[Tile], has_truth: bool, steps: Sequence[str] = STEPS
+    results: Sequence[TileResult],
+    tiles: Sequence[Tile],
+    has_truth: bool,
+    steps: Sequence[str] = STEPS,
+    ignore_band: bool = False,
 ) -> dict[str, Any]:
     """``metrics/pseudo_masks.json``: coverage per partition and class, and per-step truth scores.
 
@@ -220,6 +229,9 @@ def summarize(
     construction; negative test tiles are refined like any test tile (``negative_nonempty_tiles`` counts
     those with a mask, which ``evaluate`` then gates by the classifier's decision). ``steps`` names the
     steps to report (``crf`` is left out when the CRF is off, as it would repeat ``morphology``).
+    With ``ignore_band`` (``refine.background_quantile`` set), ``coverage.positive_ignored_of_tissue``
+    summarises the ignored share of each positive tile's tissue, beside ``positive_of_tissue``. Truth scores
+    count ignored pixels as not foreground.
     """
     partition_of = {tile.name: tile.partition for tile in tiles}
     report: dict[str, Any] = {"tiles": len(results), "has_truth": has_truth}
@@ -240,6 +252,10 @@ def summarize(
                 "negative_nonempty_tiles": int(sum(result.foreground_fraction > 0.0 for result in negatives)),
             },
         }
+        if ignore_band:
+            section["coverage"]["positive_ignored_of_tissue"] = _summary(
+                [result.ignored_fraction for result in positives]
+            )
         scored = [result for result in positives if result.counts]
         if has_truth and scored:
             step_scores: dict[str, Any] = {}
@@ -281,12 +297,16 @@ def contact_sheet(
             overlay_mask(image, steps.morphology, colour=(255, 128, 0)),
             overlay_mask(image, steps.refined),
         ]
+        if settings.background_quantile is not None:
+            row[-1] = overlay_mask(row[-1], steps.ignore, colour=(128, 128, 128))
         if with_truth:
             truth = read_mask(job.truth) if job.truth is not None else np.zeros(cam.shape, dtype=bool)
             row.append(overlay_mask(image, truth, colour=(0, 128, 255)))
         rows.append(row)
         titles.append(f"{Path(job.name).stem} ({'positive' if job.positive else 'negative'})")
     columns = ["tile", "CAM", "thresholded", "morphology", "pseudo-mask (CRF)" if settings.crf else "pseudo-mask"]
+    if settings.background_quantile is not None:
+        columns[-1] = "pseudo-mask (grey: ignored)"
     if with_truth:
         columns.append("truth")
     save_figure(path, rows, column_titles=columns, row_titles=titles, title="refine_masks: CAM -> pseudo-mask")
@@ -297,6 +317,9 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     for partition in PARTITIONS:
         section = report.get(partition, {})
         flat[f"{partition}.coverage_positive_mean"] = section.get("coverage", {}).get("positive", {}).get("mean", 0.0)
+        ignored = section.get("coverage", {}).get("positive_ignored_of_tissue")
+        if ignored is not None:
+            flat[f"{partition}.coverage_ignored_of_tissue_mean"] = ignored["mean"]
         for step in STEPS:
             scores = section.get("vs_truth", {}).get(step)
             if scores:
@@ -331,7 +354,13 @@ def run(params: StageParams) -> None:
         ]
         # Before MLflow opens its database: the pool forks this process.
         results = refine_all(jobs, settings, workers)
-    report = summarize(results, tiles, has_truth, STEPS if settings.crf is not None else STEPS[:2])
+    report = summarize(
+        results,
+        tiles,
+        has_truth,
+        STEPS if settings.crf is not None else STEPS[:2],
+        ignore_band=settings.background_quantile is not None,
+    )
     write_json(METRICS, report)
     with atomic_directory(FIGURES) as figures:
         job_of = {job.name: job for job in jobs}

@@ -2,7 +2,8 @@
 
 Reads ``data/normalized/images`` and ``data/normalized/annotations.csv`` (only train-partition tiles are
 ever decoded), carves a stratified validation split from them, trains, and writes
-``models/classifier.pt`` (the best epoch by ``classifier.selection_metric``), ``metrics/classifier.json``,
+``models/classifier.pt`` (the best epoch by ``classifier.selection_metric``, with ``decision_threshold``, its
+tile decision threshold chosen on the validation split), ``metrics/classifier.json``,
 ``metrics/classifier_history.csv`` and one MLflow run.
 
 With ``classifier.distributed.processes_per_node > 1`` the stage re-launches itself under PyTorch's
@@ -143,6 +144,7 @@ def _train(params: StageParams, context: DistributedContext) -> None:
             "best_epoch": result.best_epoch,
             "epochs": settings.epochs,
             "selection_metric": settings.selection_metric,
+            "balance": settings.balance,
             "train_tiles": len(train_tiles),
             "validation": {
                 "accuracy": scores["accuracy"],
@@ -155,7 +157,11 @@ def _train(params: StageParams, context: DistributedContext) -> None:
                 "tiles": len(validation_tiles),
                 "positive_tiles": int(sum(validation_labels)),
             },
+            # The validation metrics at the decision threshold chosen on validation (``validation``: at 0.5).
+            "decision": result.decision.record(),
         }
+        if result.pos_weight is not None:
+            metrics["bce_pos_weight"] = result.pos_weight
         model.load_state_dict(result.best_state_dict)
         save_checkpoint(
             CHECKPOINT,
@@ -168,10 +174,16 @@ def _train(params: StageParams, context: DistributedContext) -> None:
             tile_size=tile_size,
             epoch=result.best_epoch,
             metrics=metrics["validation"],
+            decision_threshold=float(result.decision.threshold),
         )
         write_json(METRICS, metrics)
         write_history(HISTORY, result.history)
-        tracker.log_metrics({"epoch": result.best_epoch, "validation": metrics["validation"]}, prefix="best.")
+        tracker.log_metrics(
+            {"epoch": result.best_epoch, "validation": metrics["validation"], "decision": metrics["decision"]},
+            prefix="best.",
+        )
+        if result.pos_weight is not None:
+            tracker.log_metrics({"bce_pos_weight": result.pos_weight})
         tracker.log_artifact(HISTORY)
         tracker.log_artifact(METRICS)
     LOGGER.info(
@@ -181,6 +193,15 @@ def _train(params: StageParams, context: DistributedContext) -> None:
         metrics["validation"]["majority_class_rate"],
         scores["balanced_accuracy"],
         scores["auc"],
+    )
+    decision = result.decision
+    (LOGGER.warning if decision.reason else LOGGER.info)(
+        "decision threshold %.4f (validation balanced accuracy %.3f, sensitivity %.3f, specificity %.3f)%s",
+        decision.threshold,
+        decision.metrics["balanced_accuracy"],
+        decision.metrics["sensitivity"],
+        decision.metrics["specificity"],
+        f"; {decision.reason}" if decision.reason else "",
     )
 
 

@@ -35,7 +35,7 @@ from weakseg.training.common import (
     preprocessing_record,
     write_history,
 )
-from weakseg.training.datasets import load_masks, load_tiles
+from weakseg.training.datasets import load_masks, load_pseudo_masks, load_tiles
 from weakseg.training.distributed import DistributedContext, run_training_stage
 from weakseg.training.segmenter import SegmenterData, train_segmenter
 
@@ -72,8 +72,11 @@ def target_masks_folder(targets: str) -> Path:
 
 def _load_split(tiles: list[Any], description: str, masks_folder: Path) -> SegmenterData:
     images = load_tiles(NORMALIZED / "images", tiles, f"loading {description} tiles")
-    kind = "pseudo-masks" if masks_folder == PSEUDO_MASKS else "true masks"
-    masks = load_masks(masks_folder, tiles, f"loading {description} {kind}")
+    if masks_folder == PSEUDO_MASKS:
+        # 0/1 targets, and 255 where the pseudo-mask's band is ignored (refine.background_quantile).
+        masks = load_pseudo_masks(masks_folder, tiles, f"loading {description} pseudo-masks")
+    else:
+        masks = load_masks(masks_folder, tiles, f"loading {description} true masks")
     for tile, image, mask in zip(tiles, images, masks, strict=True):
         if mask.shape != image.shape[:2]:
             raise SegmenterInputError(

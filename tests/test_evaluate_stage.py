@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -21,29 +20,10 @@ from weakseg.models import build_classifier, build_segmenter, save_checkpoint
 from weakseg.stage import run_stage
 from weakseg.training.common import preprocessing_record
 
+from tests.metric_keys import contract_names as pipeline_metric_names
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_MD = PROJECT_ROOT.parent / "shared" / "PIPELINE.md"
 TILE = 32
-# PIPELINE.md's list, used if the shared page is not beside the repository.
-FALLBACK_NAMES = """
-classifier.{accuracy, balanced_accuracy, auc, sensitivity, specificity}
-segmenter.vs_pseudo.{iou, miou, dice, iou_positive_mean}
-segmenter.vs_truth.{iou, miou, dice, iou_positive_mean}
-cam.vs_truth.{iou, dice}
-pseudo.vs_truth.{iou, dice}
-"""
-
-
-def pipeline_metric_names() -> list[str]:
-    """Expands the ``prefix.{a, b}`` lines of PIPELINE.md's "Metric names" block into dotted keys."""
-    text = PIPELINE_MD.read_text() if PIPELINE_MD.is_file() else FALLBACK_NAMES
-    if PIPELINE_MD.is_file():
-        section = text.split("## Metric names", 1)[1]
-        text = section.split("```", 2)[1]
-    names = []
-    for prefix, keys in re.findall(r"^([\w.]+)\.\{([^}]*)\}", text, flags=re.MULTILINE):
-        names += [f"{prefix}.{key.strip()}" for key in keys.split(",")]
-    return names
 
 
 def _lookup(document: dict, dotted: str) -> object:
@@ -362,9 +342,11 @@ def test_the_classifier_gate_empties_the_segmenter_mask_of_tiles_called_negative
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
     results = {}
+    # The classifier decides at its checkpoint's decision_threshold (evaluate.threshold is the pixels').
     for gate, threshold in (("none", 0.5), ("classifier", 0.5), ("classifier", 0.999)):
-        params["evaluate"].update({"segmenter_gate": gate, "threshold": threshold})
+        params["evaluate"].update({"segmenter_gate": gate})
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        _store_classifier(tmp_path, decision_threshold=threshold)
         assert run_stage("evaluate", evaluate.run, argv=[]) == 0
         results[(gate, threshold)] = json.loads(Path("metrics/evaluate.json").read_text())
     ungated, gated, strict = results[("none", 0.5)], results[("classifier", 0.5)], results[("classifier", 0.999)]
@@ -376,3 +358,79 @@ def test_the_classifier_gate_empties_the_segmenter_mask_of_tiles_called_negative
     assert strict["tiles"]["classified_positive"] == 0
     assert strict["segmenter"]["vs_truth"]["iou"] == 0.0
     assert strict["segmenter_ungated"]["vs_truth"]["iou"] == pytest.approx(ungated["segmenter"]["vs_truth"]["iou"])
+
+
+# ------------------------------------------------------------------ classifier decision threshold
+def _store_classifier(root: Path, decision_threshold: float, probability: float | None = None) -> None:
+    """Stores ``decision_threshold`` in the project's classifier checkpoint; with ``probability``, the
+    classifier is also made constant (that probability for every tile)."""
+    path = root / "models/classifier.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if probability is not None:
+        payload["state_dict"]["fc.weight"] = torch.zeros_like(payload["state_dict"]["fc.weight"])
+        payload["state_dict"]["fc.bias"] = torch.full_like(
+            payload["state_dict"]["fc.bias"], float(np.log(probability / (1 - probability)))
+        )
+    torch.save({**payload, "decision_threshold": decision_threshold}, path)
+
+
+def test_classifier_decisions_and_gates_use_the_classifier_threshold() -> None:
+    empty = np.zeros((TILE, TILE), dtype=bool)
+    lesion = _square(4)
+    # Classifier probability 0.7: positive at the pixel threshold 0.5, negative at the stored 0.8.
+    records = [
+        _gated_record("p.png", True, lesion, lesion, 0.7),
+        _gated_record("n.png", False, empty, _square(10), 0.2),
+    ]
+    result = evaluate.compute_metrics(
+        records, threshold=0.5, min_foreground_pixels=10, has_truth=True, classifier_threshold=0.8
+    )
+    assert result["classifier"]["threshold"] == 0.8
+    assert (result["classifier"]["sensitivity"], result["tiles"]["classified_positive"]) == (0.0, 0)
+    for row in ("cam", "pseudo"):  # gated out: nothing predicted
+        assert result[row]["vs_truth"]["iou"] == 0.0
+        assert result[f"{row}_oracle_label"]["vs_truth"]["iou"] == 1.0
+    assert result["segmenter_classifier_gated"]["vs_truth"]["iou"] == 0.0
+    # Without a classifier threshold, evaluate.threshold decides (as before).
+    default = evaluate.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True)
+    assert (default["classifier"]["threshold"], default["tiles"]["classified_positive"]) == (0.5, 1)
+
+
+def test_stage_gates_by_the_classifier_checkpoint_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
+) -> None:
+    _build_project(tmp_path, with_truth=True)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["evaluate"].update({"segmenter_gate": "classifier", "threshold": 0.5})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    results = {}
+    for stored in (0.8, 0.6):  # every tile scores 0.7
+        _store_classifier(tmp_path, decision_threshold=stored, probability=0.7)
+        assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+        results[stored] = json.loads(Path("metrics/evaluate.json").read_text())
+        with open("metrics/confusion.csv", newline="") as handle:
+            results[stored]["_predicted"] = {row["predicted"] for row in csv.DictReader(handle)}
+    strict, lenient = results[0.8], results[0.6]
+    assert (strict["classifier"]["threshold"], strict["settings"]["threshold"]) == (0.8, 0.5)
+    assert strict["tiles"]["classified_positive"] == 0 and strict["_predicted"] == {"HP"}
+    assert strict["segmenter"]["vs_truth"]["iou"] == 0.0  # evaluate.segmenter_gate emptied every mask
+    assert strict["cam"]["vs_truth"]["iou"] == 0.0
+    assert lenient["tiles"]["classified_positive"] == 6 and lenient["_predicted"] == {"SSA"}
+    assert lenient["cam"]["vs_truth"]["iou"] == 1.0
+
+
+def test_the_pseudo_masks_ignored_band_is_not_foreground(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
+) -> None:
+    """A pseudo-mask's 128 band (refine.background_quantile) is not lesion: read as foreground (read_mask's
+    >= 128), it would cost the label-gated pseudo-mask its perfect score against the truth."""
+    tiles = _build_project(tmp_path, with_truth=True)
+    for index, tile in enumerate(tiles):
+        if tile.partition == "test" and tile.positive:
+            pixels = np.where(_square(4 + index), 255, 128).astype(np.uint8)  # the rest of the tile ignored
+            write_png(tmp_path / "data/pseudo_masks" / tile.name, pixels)
+    monkeypatch.chdir(tmp_path)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+    result = json.loads(Path("metrics/evaluate.json").read_text())
+    assert result["pseudo_oracle_label"]["vs_truth"]["iou"] == 1.0

@@ -174,3 +174,36 @@ def test_load_model_exposes_the_stored_head_threshold(tmp_path: Path) -> None:
         path, "segmenter", "resnet18", build_segmenter("resnet18"), preprocessing=preprocessing_record(32), head_threshold=0.83
     )
     assert inference.load_model(path, "segmenter", CPU).head_threshold == 0.83
+
+
+def test_load_model_exposes_the_classifiers_stored_decision_threshold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "classifier.pt"
+    record = preprocessing_record(32)
+    model = build_classifier("resnet18")
+    save_checkpoint(path, "classifier", "resnet18", model, preprocessing=record, decision_threshold=0.81)
+    with caplog.at_level("WARNING", logger="weakseg.inference"):
+        assert inference.load_model(path, "classifier", CPU).decision_threshold == 0.81
+    assert not caplog.records
+    # A checkpoint from before the threshold was stored: 0.5, with a warning naming the file and the key.
+    old = tmp_path / "old_classifier.pt"
+    save_checkpoint(old, "classifier", "resnet18", build_classifier("resnet18"), preprocessing=record)
+    with caplog.at_level("WARNING", logger="weakseg.inference"):
+        assert inference.load_model(old, "classifier", CPU).decision_threshold == 0.5
+    assert any("old_classifier.pt" in r.getMessage() and "decision_threshold" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("stored", [1.0, -0.2, "0.7", True])
+def test_load_model_refuses_an_unusable_decision_threshold(tmp_path: Path, stored: object) -> None:
+    path = tmp_path / "odd.pt"
+    save_checkpoint(
+        path,
+        "classifier",
+        "resnet18",
+        build_classifier("resnet18"),
+        preprocessing=preprocessing_record(32),
+        decision_threshold=stored,
+    )
+    with pytest.raises(InferenceError, match=r"odd\.pt.*decision_threshold"):
+        inference.load_model(path, "classifier", CPU)

@@ -195,3 +195,17 @@ def test_every_params_read_in_the_stages_is_declared_in_dvc_yaml() -> None:
             value: Any = view
             for name in names:
                 value = getattr(value, name)  # ParamsError names the stage and the undeclared key
+
+
+def test_background_quantile_above_threshold_quantile_is_refused_naming_both_keys() -> None:
+    raw = _with("refine.threshold_quantile", 0.5)
+    raw["refine"]["background_quantile"] = 0.6
+    with pytest.raises(
+        ParamsError, match=r"refine\.background_quantile: must be <= refine\.threshold_quantile \(0\.5\)"
+    ):
+        parse_params(raw, "params.yaml")
+    raw["refine"]["background_quantile"] = 0.5
+    assert parse_params(raw).refine.background_quantile == 0.5
+    from weakseg.params import RefineParams
+
+    assert RefineParams().background_quantile is None  # the schema's default is the paper's chain

@@ -301,3 +301,42 @@ def test_gate_empties_the_mask_of_a_tile_decided_negative() -> None:
     sure = ImagePrediction(probability, {"head": 0.95, "classifier": 0.6}, 1)
     assert predict.summarize(sure, None, 0.5, head_threshold=0.99, gate=True).mask.all()  # the classifier decides
     assert predict.parse_options(["--input", "a", "--output", "b", "--gate"]).gate
+
+
+# -------------------------------------------------------------------- classifier decision threshold
+def _constant_classifier(path: Path, probability: float, decision_threshold: float | None) -> None:
+    """A classifier of constant ``probability``, with ``decision_threshold`` stored (or none)."""
+    torch.manual_seed(0)
+    model = build_classifier("resnet18")
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.fill_(float(np.log(probability / (1 - probability))))
+    extra = {} if decision_threshold is None else {"decision_threshold": decision_threshold}
+    save_checkpoint(path, "classifier", "resnet18", model, preprocessing=preprocessing_record(TILE), **extra)
+
+
+def test_classifier_tile_decision_uses_its_checkpoint_threshold(
+    tmp_path: Path, models: dict[str, Path], rng: np.random.Generator
+) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png(inputs / "a.png", _tissue_image(TILE, TILE, rng))
+    _constant_classifier(tmp_path / "classifier.pt", 0.7, 0.8)
+    argv = ["--input", str(inputs), "--output", str(tmp_path / "out"), "--segmenter", str(models["segmenter"]),
+            "--classifier", str(tmp_path / "classifier.pt"), "--stain-reference", "none", "--device", "cpu", "--gate"]
+    assert predict.main(argv) == 0
+    row = _read_rows(tmp_path / "out")["a.png"]
+    assert row["tile_probability_source"] == "classifier"
+    assert float(row["tile_probability"]) == pytest.approx(0.7, abs=1e-4)
+    # 0.7 is above --threshold (0.5, the pixels') but below the stored 0.8: negative, and the gate empties the mask.
+    assert (row["tile_threshold"], row["tile_positive"], row["predicted_area_pixels"]) == ("0.800000", "0", "0")
+
+
+def test_summarize_decides_the_classifier_tile_at_its_own_threshold() -> None:
+    from weakseg.inference import ImagePrediction
+
+    prediction = ImagePrediction(np.full((8, 8), 0.9, dtype=np.float32), {"head": 0.95, "classifier": 0.7}, 1)
+    result = predict.summarize(prediction, None, 0.5, head_threshold=0.5, gate=True, classifier_threshold=0.8)
+    assert (result.tile_threshold, result.tile_positive, bool(result.mask.any())) == (0.8, False, False)
+    kept = predict.summarize(prediction, None, 0.5, head_threshold=0.99, gate=True, classifier_threshold=0.6)
+    assert kept.tile_positive and kept.mask.all()

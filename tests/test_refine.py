@@ -202,3 +202,81 @@ def test_the_crf_unary_and_the_threshold_share_one_cut() -> None:
     np.testing.assert_array_equal(cam_foreground_probability(values, cut) > 0.5, mask)
     # A flat CAM stays empty at the median (the strict side wins a tie of distances).
     assert not threshold_cam(np.full((8, 8), 7, dtype=np.uint8), None, 0.5).any()
+
+
+# ------------------------------------------------------------------------------------------ ignore band
+def _band_tile() -> tuple[np.ndarray, np.ndarray]:
+    """A 4 x 5 CAM with values 0..19 (row-major, over 19) and tissue everywhere but the last column.
+
+    The tissue holds the 16 values 0-3, 5-8, 10-13, 15-18. Quantile 0.5 of them is 9 (half lie above), 0.25
+    is 4.5 (three quarters lie above): so the foreground is {10-13, 15-18}, the confident tissue background
+    {0-3}, the band {5-8}; the last column (4, 9, 14, 19, the brightest pixel included) is not tissue.
+    """
+    cam = np.arange(20, dtype=np.float64).reshape(4, 5) / 19.0
+    tissue = np.ones((4, 5), dtype=bool)
+    tissue[:, 4] = False
+    return cam, tissue
+
+
+def _pixels(values: list[int]) -> np.ndarray:
+    mask = np.zeros(20, dtype=bool)
+    mask[values] = True
+    return mask.reshape(4, 5)
+
+
+PLAIN_CHAIN = {"opening_kernel": 0, "closing_kernel": 0, "min_object_size": 0, "crf": None, "threshold_quantile": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("background_quantile", "ignored"),
+    [(0.25, [5, 6, 7, 8]), (0.0, [0, 1, 2, 3, 5, 6, 7, 8]), (0.5, [])],
+)
+def test_ignore_band_on_a_hand_made_cam(background_quantile: float, ignored: list[int]) -> None:
+    """Foreground from the chain as today; background = not tissue + tissue CAM at or below the b-quantile;
+    the rest of the tissue is ignored. b = 0 calls no tissue pixel background; b = threshold leaves no band."""
+    cam, tissue = _band_tile()
+    image = np.zeros((4, 5, 3), dtype=np.uint8)
+    settings = RefineSettings(**PLAIN_CHAIN, background_quantile=background_quantile)
+    steps = refine_pseudo_mask(cam, image, tissue, True, settings)
+    foreground = _pixels([10, 11, 12, 13, 15, 16, 17, 18])
+    np.testing.assert_array_equal(steps.refined, foreground)
+    np.testing.assert_array_equal(steps.ignore, _pixels(ignored))
+    background = ~steps.refined & ~steps.ignore
+    assert background[:, 4].all()  # outside the tissue, even the brightest CAM pixel
+    assert steps.ignore.dtype == bool and not (steps.ignore & steps.refined).any()
+    # Without background_quantile: the same foreground, nothing ignored (today's two labels).
+    plain = refine_pseudo_mask(cam, image, tissue, True, RefineSettings(**PLAIN_CHAIN))
+    np.testing.assert_array_equal(plain.refined, foreground)
+    assert plain.ignore.shape == (4, 5) and not plain.ignore.any()
+
+
+def test_ignore_band_yields_to_the_foreground_and_uses_the_chains_cut() -> None:
+    """A foreground pixel with a low CAM (closing or the CRF can add one) stays foreground, never ignored;
+    the band's cut is quantile_cut's, ties included: an 8-bit CAM tied at its quantile."""
+    from weakseg.refine import ignore_band
+
+    cam, tissue = _band_tile()
+    foreground = _pixels([6, 10, 11, 12, 13, 15, 16, 17, 18])  # 6 lies in the band
+    np.testing.assert_array_equal(ignore_band(cam, tissue, foreground, 0.25), _pixels([5, 7, 8]))
+    # Half the tile at 40, half at 200: the 0.25-quantile is 40. Above it lie 50 % (strict) or 100 % (the tie
+    # too), equally far from the wanted 75 %: quantile_cut's strict side wins, so the 40s are background.
+    tied = np.full((4, 4), 40, dtype=np.uint8)
+    tied[:, 2:] = 200
+    no_foreground = np.zeros((4, 4), dtype=bool)
+    assert not ignore_band(tied, None, no_foreground, 0.25)[:, :2].any()
+    assert ignore_band(tied, None, no_foreground, 0.25)[:, 2:].all()
+
+
+def test_ignore_band_is_empty_on_negative_tiles() -> None:
+    cam, tissue = _band_tile()
+    steps = refine_pseudo_mask(
+        cam, np.zeros((4, 5, 3), dtype=np.uint8), tissue, False, RefineSettings(**PLAIN_CHAIN, background_quantile=0.25)
+    )
+    assert not steps.refined.any() and not steps.ignore.any()
+
+
+def test_background_quantile_above_the_threshold_quantile_is_refused() -> None:
+    cam, tissue = _band_tile()
+    settings = RefineSettings(**{**PLAIN_CHAIN, "threshold_quantile": 0.4}, background_quantile=0.6)
+    with pytest.raises(UserInputError, match=r"refine\.background_quantile.*refine\.threshold_quantile"):
+        refine_pseudo_mask(cam, np.zeros((4, 5, 3), dtype=np.uint8), tissue, True, settings)

@@ -221,3 +221,42 @@ def test_figure_tiles_prefer_train_positives_then_one_negative() -> None:
     chosen = [tile.name for tile in pick_figure_tiles(tiles, 3)]
     assert chosen == ["p0.png", "p4.png", "p8.png", "m.png"]
     assert pick_figure_tiles(tiles, 0) == []
+
+
+def test_background_quantile_writes_the_ignored_band_as_128(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    """p1's CAM: the lesion block (columns 0-11) at 220, then a ramp 48, 52, ..., 124 over columns 12-31.
+
+    Over its 1024 tissue pixels the 0.625-quantile cut keeps exactly the block (37.5 %) and the 0.25-quantile
+    cut (79) puts columns 12-19 (48..76) in the background: columns 20-31 are the ignored band.
+    """
+    from PIL import Image
+
+    from weakseg.io import read_pseudo_mask
+
+    monkeypatch.chdir(tmp_path)
+    refine = {**SMALL, "crf": {"enabled": False}, "threshold_quantile": 0.625, "background_quantile": 0.25}
+    write_project(tmp_path, refine)
+    cam = np.full((SIZE, SIZE), 220, dtype=np.uint8)
+    cam[:, 12:] = 4 * np.arange(12, SIZE, dtype=np.uint8)
+    write_png(tmp_path / "data/cams/p1.png", cam)
+    assert run_refine() == 0
+    pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))
+    assert (pixels[:, :12] == 255).all() and (pixels[:, 12:20] == 0).all() and (pixels[:, 20:] == 128).all()
+    assert not np.asarray(Image.open(tmp_path / "data/pseudo_masks/n1.png")).any()  # negative train: background
+    foreground, ignore = read_pseudo_mask(tmp_path / "data/pseudo_masks/p1.png")
+    assert foreground[:, :12].all() and not foreground[:, 12:].any() and ignore[:, 20:].all()
+    report = read_json(tmp_path / "metrics/pseudo_masks.json")
+    coverage = report["train"]["coverage"]
+    assert coverage["positive_of_tissue"]["mean"] == pytest.approx(12 / 32)
+    assert coverage["positive_ignored_of_tissue"]["mean"] == pytest.approx(12 / 32)
+    # The band is not foreground when scored against the truth (columns 0-11).
+    assert report["train"]["vs_truth"]["morphology"]["iou"] == pytest.approx(1.0)
+    assert tracker.metrics["pseudo.train.coverage_ignored_of_tissue_mean"] == pytest.approx(12 / 32)
+    # Without the band (the default), the same tile is two labels and the report has no ignored share.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"refine": {**refine, "background_quantile": None}}))
+    assert run_refine() == 0
+    pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))
+    assert (pixels[:, :12] == 255).all() and not pixels[:, 12:].any()
+    assert "positive_ignored_of_tissue" not in read_json(tmp_path / "metrics/pseudo_masks.json")["train"]["coverage"]

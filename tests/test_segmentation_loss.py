@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss
+from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
 
 from weakseg.losses.segmentation import SegmentationLoss
 from weakseg.params import SegmenterLossParams
@@ -98,3 +98,72 @@ def test_classification_weight_scales_gradient_of_head() -> None:
     assert label_logits.grad is not None
     # d/dz of 0.2 * mean BCE at z=0 is 0.2 * (0.5 - y) / 2.
     assert label_logits.grad.reshape(-1).tolist() == pytest.approx([-0.05, 0.05], abs=1e-7)
+
+
+# ------------------------------------------------------------------------------- ignored pixels (255)
+def _with_band(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Marks a band of each tile's background as ignored (255); returns the targets and the kept pixels."""
+    targets = masks.clone()
+    band = torch.zeros_like(masks, dtype=torch.bool)
+    band[:, :, 6:, :] = True
+    targets[band] = 255.0
+    return targets, ~band
+
+
+def _plain_terms(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Today's mask terms: smp without ignore_index, background Dice for a batch without foreground."""
+    dice_loss = DiceLoss(mode="binary", from_logits=True)
+    lovasz_loss = LovaszLoss(mode="binary", per_image=False, from_logits=True)
+    if bool((masks > 0.5).any()):
+        dice = dice_loss(logits, masks)
+    else:
+        dice = dice_loss(-logits, 1.0 - masks)
+    return dice, lovasz_loss(logits, masks)
+
+
+@pytest.mark.parametrize("positive", [[True, False, True], [False, False, False]])
+def test_ignored_pixels_are_left_out_and_nothing_changes_without_them(positive: list[bool]) -> None:
+    """With a band of 255: each mask term equals the same smp loss on the kept pixels alone (background Dice
+    when no kept pixel is foreground), and the band gets no gradient. Without one: bit-identical to today."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 1, SIZE, SIZE, generator=generator)
+    masks = _square_mask(3, positive)
+    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.0))
+
+    plain_logits = logits.clone().requires_grad_(True)
+    terms = loss.terms(plain_logits, torch.zeros(3, 1), masks, torch.zeros(3))
+    terms.total.backward()
+    reference_logits = logits.clone().requires_grad_(True)
+    dice, lovasz = _plain_terms(reference_logits, masks)
+    (dice + 0.5 * lovasz).backward()
+    assert torch.equal(terms.dice, dice) and torch.equal(terms.lovasz, lovasz)
+    assert torch.equal(plain_logits.grad, reference_logits.grad)
+
+    targets, kept = _with_band(masks)
+    banded_logits = logits.clone().requires_grad_(True)
+    terms = loss.terms(banded_logits, torch.zeros(3, 1), targets, torch.zeros(3))
+    terms.total.backward()
+    # The kept pixels alone, as one flat "image" (both terms pool over the batch).
+    kept_logits = logits[kept].reshape(1, 1, -1, 1)
+    kept_masks = masks[kept].reshape(1, 1, -1, 1)
+    expected_dice, expected_lovasz = _plain_terms(kept_logits, kept_masks)
+    assert float(terms.dice.detach()) == pytest.approx(float(expected_dice), rel=1e-6)
+    assert float(terms.lovasz.detach()) == pytest.approx(float(expected_lovasz), rel=1e-6)
+    assert float(terms.dice.detach()) > 0.0
+    assert banded_logits.grad is not None
+    assert float(banded_logits.grad[~kept].abs().sum()) == 0.0
+    assert float(banded_logits.grad[kept].abs().sum()) > 0.0
+
+
+def test_a_batch_whose_only_foreground_label_is_ignored_uses_the_background_dice() -> None:
+    """255 is not foreground: a batch of background and ignored pixels takes the background Dice
+    ``sum(p) / (2 N - sum(p))`` over its N kept pixels."""
+    targets, kept = _with_band(torch.zeros(2, 1, SIZE, SIZE))
+    logits = torch.full((2, 1, SIZE, SIZE), 0.5)
+    logits[~kept] = 5.0  # confident "lesion" on the band, which must not count
+    terms = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.0, classification=0.0)).terms(
+        logits, torch.zeros(2, 1), targets, torch.zeros(2)
+    )
+    probabilities = torch.sigmoid(logits[kept])
+    expected = probabilities.sum() / (2 * probabilities.numel() - probabilities.sum())
+    assert float(terms.dice) == pytest.approx(float(expected), rel=1e-6)

@@ -106,18 +106,7 @@ def _gland_areas(serrated: bool, count: int = 200) -> np.ndarray:
     rng = np.random.default_rng(0)
     areas = []
     for _ in range(count):
-        radius = 11.0 * rng.uniform(0.85, 1.15)
-        shape = synthetic._GlandShape(
-            centre_y=64.0,
-            centre_x=64.0,
-            radius=radius * (0.93 if serrated else 1.0),
-            aspect=float(rng.uniform(1.6, 2.1)) if serrated else float(rng.uniform(1.0, 1.12)),
-            orientation=float(rng.uniform(0, 2 * np.pi)),
-            serrated=serrated,
-            teeth=int(rng.integers(7, 10)),
-            tooth_phase=float(rng.uniform(0, 2 * np.pi)),
-            wobble_phase=float(rng.uniform(0, 2 * np.pi)),
-        )
+        shape = synthetic.draw_gland_shape(rng, 64.0, 64.0, 11.0, serrated)
         compartments = np.full((128, 128), synthetic.STROMA, dtype=np.uint8)
         unused = np.zeros((128, 128), dtype=bool)
         synthetic._draw_gland(shape, compartments, unused, unused.copy(), nucleus_spacing=3.1)

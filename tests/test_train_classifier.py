@@ -18,7 +18,7 @@ from stages import train_classifier as stage
 from weakseg import models
 from weakseg.data.layout import Tile, read_annotations, partition, split_train_validation, write_annotations
 from weakseg.io import write_png
-from weakseg.metrics import classification_scores
+from weakseg.metrics import choose_balanced_accuracy_threshold, classification_scores
 from weakseg.params import AugmentParams, ClassifierParams, Params, UnfreezeParams
 from weakseg.stage import run_stage
 from weakseg.training import classifier as loop
@@ -26,6 +26,7 @@ from weakseg.training import datasets
 from weakseg.training.augment import build_augmentation
 from weakseg.training.common import images_to_tensor
 from weakseg.training.datasets import TileDataset
+from weakseg.training.distributed import DistributedContext
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TILE = 32
@@ -404,3 +405,114 @@ def test_two_runs_give_identical_checkpoint_bytes(
     first, second = trained["folder"], tmp_path
     for output in ("models/classifier.pt", "metrics/classifier.json", "metrics/classifier_history.csv"):
         assert (first / output).read_bytes() == (second / output).read_bytes(), output
+
+
+# ------------------------------------------------------------------------- class balance and threshold
+def _imbalanced_labels(positives: int = 200, negatives: int = 20) -> list[bool]:
+    """10:1 positives to negatives, interleaved."""
+    labels = [True] * positives + [False] * negatives
+    return [labels[index] for index in np.random.default_rng(0).permutation(len(labels))]
+
+
+def test_balanced_sampler_draws_balanced_epochs_reproducibly_and_differently_per_epoch() -> None:
+    labels = _imbalanced_labels()
+    order = loop.class_balanced_order(labels, seed=5, epoch=0)
+    assert len(order) == len(labels)  # the epoch keeps the split's length, so the schedule's step count
+    negatives = sum(not labels[index] for index in order)
+    assert 0.4 < negatives / len(order) < 0.6  # ~half, against 1/11 in a shuffled epoch
+    assert loop.class_balanced_order(labels, seed=5, epoch=0) == order
+    assert loop.class_balanced_order(labels, seed=5, epoch=1) != order
+    assert loop.class_balanced_order(labels, seed=6, epoch=0) != order
+
+
+def test_balanced_loader_serves_the_draw_and_ranks_share_it_like_the_shuffled_order() -> None:
+    rng = np.random.default_rng(1)
+    labels = _imbalanced_labels(20, 2)
+    images = np.stack([_tile_image(rng, positive) for positive in labels])
+    dataset = TileDataset(images, labels)
+    served = torch.cat([batch[1] for batch in loop.build_train_loader(dataset, 4, 3, 2, balanced=True)])
+    order = loop.class_balanced_order(labels, 3, 2)
+    assert served.tolist() == [float(labels[index]) for index in order[: len(order) // 4 * 4]]
+    assert int((served == 0).sum()) >= 5  # a shuffled epoch holds the 2 negatives at most
+    # Two ranks: the strided shares of the same draw, put together, are the one-process global batches.
+    shares = []
+    for rank in range(2):
+        context = DistributedContext(rank=rank, world_size=2)
+        loader = loop.build_train_loader(dataset, 4, 3, 2, context=context, balanced=True)
+        shares.append([index for batch in loader.batch_sampler for index in batch])
+    assert len(shares[0]) == len(shares[1])
+    assert [index for pair in zip(*shares) for index in pair] == order[: len(order) // 4 * 4]
+
+
+def test_weight_mode_bce_is_torchs_bce_with_the_split_ratio_as_pos_weight() -> None:
+    labels = [True, True, False, False, False, False, False, False]  # 6 negatives / 2 positives
+    assert loop.positive_weight(labels) == pytest.approx(3.0)
+    assert loop.positive_weight([True, True]) is None
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0, 1.5, 0.0, -0.5, 4.0])
+    targets = torch.tensor(labels, dtype=torch.float32)
+    params = ClassifierParams(balance="weight", bce_weight=1.0, focal_tversky_weight=0.0)
+    weighted = loop.build_loss(params, loop.positive_weight(labels))(logits, targets)
+    expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0))(logits, targets)
+    assert float(weighted) == pytest.approx(float(expected), rel=1e-6)
+    assert float(weighted) != pytest.approx(float(torch.nn.BCEWithLogitsLoss()(logits, targets)))
+
+
+def test_weight_mode_trains_with_the_training_splits_ratio() -> None:
+    train_set, validation_set = _in_memory_datasets()  # 4 positive, 8 negative train tiles
+    params = ClassifierParams(epochs=1, batch_size=4, balance="weight")
+    torch.manual_seed(0)
+    result = loop.train_classifier(
+        models.build_classifier("resnet18", "none"), train_set, validation_set, params, 0, torch.device("cpu")
+    )
+    assert (result.balance, result.pos_weight) == ("weight", pytest.approx(2.0))
+
+
+class _Shifted(torch.nn.Module):
+    """A classifier that ranks tiles by brightness perfectly but calls every one positive at 0.5."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(1, 2, 3))[:, None] + 3.0
+
+
+def test_decision_threshold_of_a_shifted_classifier_is_chosen_on_validation() -> None:
+    labels = [True, False, True, False, True, False]
+    images = np.stack([np.full((TILE, TILE, 3), 200 if positive else 100, dtype=np.uint8) for positive in labels])
+    validation = TileDataset(images, labels)
+    decision = loop.calibrate_decision(_Shifted(), validation, 4, torch.device("cpu"))
+    logits, _ = loop.predict_logits(_Shifted(), loop.build_eval_loader(validation, 4), torch.device("cpu"))
+    low, high = sorted(set(torch.sigmoid(logits).tolist()))
+    assert low > 0.5  # at 0.5 every tile is called positive: specificity 0
+    assert decision.threshold == pytest.approx((low + high) / 2) and decision.reason == ""
+    assert (decision.metrics["sensitivity"], decision.metrics["specificity"]) == (1.0, 1.0)
+    # A tile scoring between 0.5 and the chosen threshold is negative by it.
+    between = (0.5 + decision.threshold) / 2
+    assert classification_scores([False], [between], decision.threshold)["specificity"] == 1.0
+    # One class only: 0.5, with the reason.
+    one_class = loop.choose_decision(torch.ones(3), torch.tensor([0.1, 2.0, 3.0]))
+    assert one_class.threshold == 0.5 and "only positive" in one_class.reason
+    assert "threshold_reason" in one_class.record()
+
+
+def test_stage_stores_and_reports_the_validation_decision_threshold(trained: dict[str, Any]) -> None:
+    folder = trained["folder"]
+    payload = models.load_checkpoint(folder / "models" / "classifier.pt", kind="classifier")
+    model = models.model_from_checkpoint(payload)
+    tiles = read_annotations(folder / "data" / "normalized" / "annotations.csv", "SSA")
+    params = Params()
+    _, validation = split_train_validation(partition(tiles, "train"), params.split.validation_fraction, params.split.seed)
+    images = datasets.load_tiles(folder / "data" / "normalized" / "images", validation)
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(images_to_tensor(images)).reshape(-1)).numpy().astype(np.float64)
+    labels = [tile.positive for tile in validation]
+    expected = choose_balanced_accuracy_threshold(labels, probabilities).threshold
+    reported = json.loads((folder / "metrics" / "classifier.json").read_text())
+    assert payload["decision_threshold"] == pytest.approx(expected, abs=1e-6)
+    assert reported["decision"]["threshold"] == payload["decision_threshold"]
+    at_threshold = classification_scores(labels, probabilities, payload["decision_threshold"])
+    assert reported["decision"]["balanced_accuracy"] == pytest.approx(at_threshold["balanced_accuracy"])
+    assert reported["balance"] == "none"
+    import mlflow
+
+    mlflow.set_tracking_uri(trained["uri"])
+    run = mlflow.search_runs(experiment_names=["weakseg"], output_format="list")[0]
+    assert run.data.metrics["best.decision.threshold"] == pytest.approx(payload["decision_threshold"])

@@ -332,3 +332,75 @@ def test_onecycle_schedule_peaks_at_lr_and_anneals_over_every_batch() -> None:
         scheduler.step()
     assert max(rates) == pytest.approx(0.002, rel=1e-3) and rates.index(max(rates)) in range(28, 32)
     assert rates[0] < 0.002 / 10 and rates[-1] < 0.002 / 1000
+
+
+# ------------------------------------------------------------------------------ ignored band (255)
+def _band_pseudo_mask(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground in the top rows, an ignored band in the right columns below them."""
+    foreground = np.zeros((size, size), dtype=bool)
+    foreground[:4] = True
+    ignore = np.zeros((size, size), dtype=bool)
+    ignore[4:, size - 6 :] = True
+    return foreground, ignore
+
+
+def test_the_ignored_band_moves_with_its_pixels_under_augmentation(tmp_path: Path) -> None:
+    """Pseudo-mask PNG (0/128/255) -> training targets 0/1/255 -> flips and rotations: every target pixel,
+    the ignored label included, stays under the image pixel it was drawn for."""
+    from weakseg.io import pseudo_mask_pixels
+    from weakseg.training.datasets import load_pseudo_masks
+
+    size = 16
+    foreground, ignore = _band_pseudo_mask(size)
+    write_png(tmp_path / "a.png", pseudo_mask_pixels(foreground, ignore))
+    targets = load_pseudo_masks(tmp_path, [Tile("a.png", "SSA", "train", True)])
+    assert targets.dtype == np.uint8 and set(np.unique(targets).tolist()) == {0, 1, 255}
+    assert (targets[0][ignore] == 255).all() and (targets[0][foreground] == 1).all()
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    image[..., 0] = np.arange(size * size).reshape(size, size)  # each pixel's red value is its index
+    augmentation = build_augmentation(AugmentParams(flips=True, rotate90=True, color_jitter=0.0, hue_jitter=0.0), 0)
+    dataset = TileDataset(image[None], [True], targets, augmentation)
+    mean, std = dataset._mean[0], dataset._std[0]
+    moved = 0
+    for seed in range(12):
+        dataset.set_augmentation_seed(seed)
+        tile, _, target = dataset[0]
+        origin = np.rint(tile[0].numpy() * std + mean).astype(np.int64)  # where each output pixel came from
+        assert sorted(origin.ravel().tolist()) == list(range(size * size))
+        np.testing.assert_array_equal(target[0].numpy(), targets[0].ravel()[origin].astype(np.float32))
+        moved += int(not np.array_equal(origin, np.arange(size * size).reshape(size, size)))
+    assert moved > 0
+
+
+def test_load_split_reads_the_pseudo_masks_ignored_band(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weakseg.io import pseudo_mask_pixels
+
+    monkeypatch.chdir(tmp_path)
+    foreground, ignore = _band_pseudo_mask(TILE)
+    write_png(Path("data/normalized/images/a.png"), np.zeros((TILE, TILE, 3), dtype=np.uint8))
+    write_png(Path("data/pseudo_masks/a.png"), pseudo_mask_pixels(foreground, ignore))
+    data = stage._load_split([Tile("a.png", "SSA", "train", True)], "train", stage.PSEUDO_MASKS)
+    expected = foreground.astype(np.uint8)
+    expected[ignore] = 255
+    np.testing.assert_array_equal(data.masks[0], expected)
+
+
+class _EverywhereLesion(torch.nn.Module):
+    """Calls every pixel foreground (logit 10) and every tile positive."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((len(images), 1, *images.shape[2:]), 10.0), torch.zeros(len(images), 1)
+
+
+def test_validation_counts_leave_ignored_pixels_out() -> None:
+    """Two 8 x 8 tiles, each 16 foreground, 16 ignored, 32 background pixels, all predicted foreground:
+    the ignored pixels are neither true nor false positives."""
+    masks = np.zeros((2, 8, 8), dtype=np.uint8)
+    masks[:, :2] = 1
+    masks[:, 2:4] = 255
+    dataset = TileDataset(np.zeros((2, 8, 8, 3), dtype=np.uint8), [True, True], masks, None)
+    loader = loop.batch_loader(dataset, [[0, 1]], num_workers=0)
+    loss = loop.SegmentationLoss(SegmenterParams(**TINY_SEGMENTER).loss)
+    result = loop.validate(_EverywhereLesion(), loader, loss, torch.device("cpu"), mixed_precision=False)
+    assert result.counts == PixelCounts(true_positive=32, false_positive=64, false_negative=0, true_negative=0)
+    assert result.counts.iou == pytest.approx(32 / 96)

@@ -28,6 +28,14 @@ Key = TypeVar("Key")
 LOGGER = logging.getLogger(__name__)
 # The segmenter head's tile threshold of checkpoints written before train_segmenter chose one on validation.
 DEFAULT_HEAD_THRESHOLD = 0.5
+# The classifier's tile threshold of checkpoints written before train_classifier chose one on validation.
+DEFAULT_DECISION_THRESHOLD = 0.5
+# Each kind's stored tile threshold: its checkpoint key, the stage that chooses it, what it decides, and the
+# value of checkpoints from before it was stored.
+STORED_THRESHOLDS: dict[str, tuple[str, str, str, float]] = {
+    "segmenter": ("head_threshold", "train_segmenter", "the head's tile decisions", DEFAULT_HEAD_THRESHOLD),
+    "classifier": ("decision_threshold", "train_classifier", "its tile decisions", DEFAULT_DECISION_THRESHOLD),
+}
 
 # Edge weight of the blending window relative to its centre: small, so window borders (where the model
 # sees the least context) count little, but above zero, so pixels covered by one window only stay defined.
@@ -94,30 +102,47 @@ class LoadedModel:
         """
         return float(self.payload.get("head_threshold", DEFAULT_HEAD_THRESHOLD))
 
+    @property
+    def decision_threshold(self) -> float:
+        """A classifier's tile threshold for its probability, chosen on validation by train_classifier.
+
+        0.5 for a checkpoint that predates the choice (:func:`load_model` warns when it loads one).
+        """
+        return float(self.payload.get("decision_threshold", DEFAULT_DECISION_THRESHOLD))
+
+
+def _check_stored_threshold(path: Path, kind: str, payload: dict[str, Any]) -> None:
+    """Warns about a missing tile threshold of a ``kind`` checkpoint, and refuses one outside (0, 1)."""
+    if kind not in STORED_THRESHOLDS:
+        return
+    key, stage, decisions, default = STORED_THRESHOLDS[kind]
+    threshold = payload.get(key)
+    if threshold is None:
+        LOGGER.warning(
+            "%s: no %s (a checkpoint from before %s chose it on validation); %s use %.1f. "
+            "Re-run %s for a calibrated one",
+            path, key, stage, decisions, default, stage,
+        )
+    elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise InferenceError(f"{path}: {key} must be a number between 0 and 1, got {threshold!r}")
+
 
 def load_model(path: str | Path, kind: str, device: torch.device) -> LoadedModel:
     """Loads a checkpoint of ``kind`` ('classifier' or 'segmenter') onto ``device`` in eval mode.
 
-    A segmenter checkpoint without ``head_threshold`` (written before ``train_segmenter`` chose one) loads
-    with the 0.5 of that time and a warning: its masks do not depend on it, only its head's tile decisions.
+    A segmenter checkpoint without ``head_threshold`` (written before ``train_segmenter`` chose one), or a
+    classifier checkpoint without ``decision_threshold`` (before ``train_classifier`` chose one), loads
+    with the 0.5 of that time and a warning naming the file: only the tile decisions depend on it.
 
     Raises:
         CheckpointError: naming the file if it is missing, unreadable or of another kind.
-        InferenceError: naming the file if it has no preprocessing record, or a head threshold outside (0, 1).
+        InferenceError: naming the file if it has no preprocessing record, or a stored tile threshold
+            outside (0, 1).
     """
     path = Path(path)
     payload = load_checkpoint(path, kind=kind)
     preprocessing = Preprocessing.from_checkpoint(payload, str(path))
-    if kind == "segmenter":
-        threshold = payload.get("head_threshold")
-        if threshold is None:
-            LOGGER.warning(
-                "%s: no head_threshold (a checkpoint from before train_segmenter chose it on validation); "
-                "the head's tile decisions use %.1f. Re-run train_segmenter for a calibrated one",
-                path, DEFAULT_HEAD_THRESHOLD,
-            )
-        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-            raise InferenceError(f"{path}: head_threshold must be a number between 0 and 1, got {threshold!r}")
+    _check_stored_threshold(path, kind, payload)
     model = model_from_checkpoint(payload).to(device)
     model.eval()
     return LoadedModel(model=model, preprocessing=preprocessing, payload=payload, path=path)

@@ -61,6 +61,47 @@ def read_mask(path: str | Path) -> np.ndarray:
     return _decode(path, "L", "mask") >= 128
 
 
+# A pseudo-mask PNG (``data/pseudo_masks``): 0 background, 255 foreground, 128 ignored by the segmenter's loss.
+PSEUDO_BACKGROUND = 0
+PSEUDO_IGNORE = 128
+PSEUDO_FOREGROUND = 255
+
+
+def pseudo_mask_pixels(foreground: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+    """Encodes a pseudo-mask as uint8 pixels: 255 on ``foreground``, 128 on ``ignore``, 0 elsewhere.
+
+    Without an ignored pixel the pixels are exactly :func:`write_png`'s encoding of the boolean foreground.
+
+    Raises:
+        ValueError: if the shapes differ or a pixel is both foreground and ignored.
+    """
+    foreground = np.asarray(foreground, dtype=bool)
+    pixels = np.where(foreground, np.uint8(PSEUDO_FOREGROUND), np.uint8(PSEUDO_BACKGROUND)).astype(np.uint8)
+    if ignore is None:
+        return pixels
+    ignore = np.asarray(ignore, dtype=bool)
+    if ignore.shape != foreground.shape:
+        raise ValueError(f"ignore mask shape {ignore.shape} differs from the foreground's {foreground.shape}")
+    if (ignore & foreground).any():
+        raise ValueError("a pseudo-mask pixel cannot be both foreground and ignored")
+    pixels[ignore] = PSEUDO_IGNORE
+    return pixels
+
+
+def read_pseudo_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a pseudo-mask PNG as ``(foreground, ignore)`` boolean ``(H, W)`` arrays.
+
+    Pixels equal to 128 are ignored (never foreground); of the others, those ``>= 128`` are foreground, as
+    :func:`read_mask` reads them, so a two-label (0/255) file reads exactly as before.
+
+    Raises:
+        ImageReadError: naming the file, if it is missing or corrupt.
+    """
+    pixels = _decode(path, "L", "mask")
+    ignore = pixels == PSEUDO_IGNORE
+    return (pixels >= 128) & ~ignore, ignore
+
+
 def read_gray(path: str | Path) -> np.ndarray:
     """Reads a single-channel 8-bit image (a CAM heatmap) as a uint8 ``(H, W)`` array.
 

@@ -196,6 +196,12 @@ class ClassifierParams(_Strict):
     unfreeze: UnfreezeParams = UnfreezeParams()
     augment: AugmentParams = AugmentParams()
     selection_metric: Literal["balanced_accuracy", "auc", "accuracy", "loss"] = "balanced_accuracy"
+    balance: Literal["none", "sampler", "weight"] = Field(
+        "none",
+        description="Class imbalance of the training split: 'none'; 'sampler', each epoch a seeded class-balanced "
+        "draw (with replacement) of as many tiles as the split holds; 'weight', the BCE term's pos_weight = "
+        "negatives / positives of the training split (the Focal Tversky term is unchanged).",
+    )
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = Field(False, description="bf16 autocast (CUDA, or a CPU with native bf16).")
@@ -273,8 +279,28 @@ class RefineParams(_Strict):
     closing_kernel: int = Field(5, ge=0, description="0 skips closing.")
     min_object_size: int = Field(64, ge=0)
     crf: CrfParams = CrfParams()
+    background_quantile: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="null: everything not foreground is background. A quantile in [0, threshold_quantile]: "
+        "tissue pixels whose CAM is at or below it are background, the other non-foreground tissue pixels "
+        "of a positive tile are ignored by the segmenter's loss (written as 128).",
+    )
     workers: int = Field(0, ge=0, description="Process-pool size; 0 uses every core.")
     figure_tiles: int = Field(4, ge=0, le=32)
+
+    @model_validator(mode="after")
+    def _band_below_foreground(self) -> "RefineParams":
+        if self.background_quantile is not None and self.background_quantile > self.threshold_quantile:
+            raise _key_error(
+                "RefineParams",
+                ("background_quantile",),
+                self.background_quantile,
+                f"must be <= refine.threshold_quantile ({self.threshold_quantile}): the background lies below "
+                "the foreground's cut",
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------- segmenter
@@ -335,7 +361,13 @@ class SegmenterParams(_Strict):
 class EvaluateParams(_Strict):
     """Scoring on the test partition."""
 
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    threshold: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="The segmenter's pixel threshold. Classifier decisions (scores, confusion, every gate) use "
+        "the decision_threshold train_classifier chose on validation and stored in its checkpoint.",
+    )
     segmenter_gate: Literal["none", "classifier"] = Field(
         "none",
         description="'classifier': the segmenter's mask of a tile the classifier calls negative is emptied "

@@ -4,8 +4,9 @@ Each image is stain-normalized with the reference the ``normalize`` stage fitted
 settings that stage recorded beside the reference (so new tiles are prepared exactly as training tiles
 were), and cut into windows of the segmenter's tile size (overlapping, blended back; smaller images are
 padded by reflection and cropped back). The mask is the thresholded probability inside the tissue mask.
-The tile decision compares the classifier's probability with ``--threshold``, or the segmenter head's with
-the threshold ``train_segmenter`` chose on the validation split (stored in the checkpoint). Unreadable
+The tile decision compares the classifier's probability with the threshold ``train_classifier`` chose on
+the validation split, or the segmenter head's with the threshold ``train_segmenter`` chose there (each stored
+in its checkpoint); ``--threshold`` thresholds pixels only. Unreadable
 files are reported by name and skipped; the exit status is then 1, after every readable image is written.
 
 Outputs under ``--output``::
@@ -213,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         default=0.5,
-        help="probability threshold of the mask, and of the tile decision with --classifier (default 0.5); the "
-        "segmenter head's tile decision uses the threshold train_segmenter chose on validation",
+        help="probability threshold of the mask's pixels (default 0.5); tile decisions use the threshold stored "
+        "in the deciding checkpoint (the classifier's with --classifier, else the segmenter head's), chosen "
+        "on validation when it was trained",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
@@ -325,15 +327,17 @@ def summarize(
     threshold: float,
     head_threshold: float,
     gate: bool = False,
+    classifier_threshold: float | None = None,
 ) -> TileResult:
     """The mask (thresholded, inside tissue) and tile probability (classifier if present, else the head).
 
     Args:
         prediction: one image's model outputs.
         tissue: its tissue mask, or None to keep every pixel.
-        threshold: the pixel threshold, and the classifier's tile threshold.
+        threshold: the pixel threshold.
         head_threshold: the segmenter head's tile threshold (from its checkpoint).
         gate: empty the mask when the tile decision is negative.
+        classifier_threshold: the classifier's tile threshold (from its checkpoint); ``threshold`` if None.
 
     Raises:
         PredictInputError: if the prediction has no probability map (no segmenter ran).
@@ -345,7 +349,10 @@ def summarize(
         mask &= tissue
     source = "classifier" if "classifier" in prediction.tile_probabilities else "head"
     tile_probability = prediction.tile_probabilities[source]
-    tile_threshold = threshold if source == "classifier" else head_threshold
+    if source == "classifier":
+        tile_threshold = threshold if classifier_threshold is None else classifier_threshold
+    else:
+        tile_threshold = head_threshold
     if gate and tile_probability < tile_threshold:
         mask = np.zeros_like(mask)
     return TileResult(
@@ -451,7 +458,12 @@ def run_predict(options: PredictOptions) -> list[str]:
         predictions = predict_images(prepared_images(), forward, segmenter.preprocessing, device, options.batch_size, overlap)
         for prepared, prediction in tqdm(predictions, total=len(paths), desc="predict", unit="image"):
             result = summarize(
-                prediction, prepared.tissue, options.threshold, segmenter.head_threshold, options.gate
+                prediction,
+                prepared.tissue,
+                options.threshold,
+                segmenter.head_threshold,
+                options.gate,
+                classifier_threshold=classifier.decision_threshold if classifier is not None else None,
             )
             writes.append(pool.submit(write_outputs, options.output, prepared, result))
             while len(writes) > 2 * options.batch_size:

@@ -4,6 +4,12 @@ The chain (Spajic et al. 2025) is: threshold the CAM at a quantile of its values
 morphological opening then closing, removal of small connected components, and a fully connected CRF
 (DenseCRF) on the stain-normalized RGB tile. Negative tiles get empty masks. Every function takes and
 returns arrays; files are read and written by ``stages/refine_masks.py``.
+
+With ``background_quantile`` set, a positive tile's pseudo-mask has three labels instead of two: the
+foreground (the chain's mask), a confident background (outside the region, plus region pixels whose CAM is
+at or below the ``background_quantile`` of the region's CAM values) and, in between, an IGNORE band that the
+segmenter's loss skips (:func:`ignore_band`), so the segmenter decides those pixels by generalising from the
+negative tiles rather than from a fixed foreground share.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class RefineSettings:
         closing_kernel: side of the square closing footprint; 0 skips closing.
         min_object_size: connected components with fewer pixels are removed; 0 keeps all.
         crf: DenseCRF settings, or None to skip the CRF.
+        background_quantile: None for a two-label mask (everything not foreground is background); else a
+            quantile in ``[0, threshold_quantile]``: region pixels whose CAM is at or below it are background,
+            and the other non-foreground region pixels are ignored (:func:`ignore_band`).
     """
 
     threshold_quantile: float = 0.5
@@ -70,6 +79,7 @@ class RefineSettings:
     closing_kernel: int = 5
     min_object_size: int = 64
     crf: CrfSettings | None = CrfSettings()
+    background_quantile: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,12 +89,15 @@ class RefinementSteps:
     Attributes:
         thresholded: the quantile-thresholded CAM.
         morphology: after opening, closing and small-object removal.
-        refined: after the CRF (equal to ``morphology`` when the CRF is off); the pseudo-mask.
+        refined: after the CRF (equal to ``morphology`` when the CRF is off); the pseudo-mask's foreground.
+        ignore: the pixels the segmenter's loss skips (never foreground); all False without
+            ``background_quantile`` and on negative tiles.
     """
 
     thresholded: np.ndarray
     morphology: np.ndarray
     refined: np.ndarray
+    ignore: np.ndarray
 
 
 def _as_float_cam(cam: np.ndarray) -> np.ndarray:
@@ -293,14 +306,18 @@ def refine_pseudo_mask(
         settings: the chain's parameters.
 
     Returns:
-        The thresholded, morphology and refined masks (boolean, ``(H, W)``).
+        The thresholded, morphology and refined masks and the ignore band (boolean, ``(H, W)``).
+
+    Raises:
+        RefineInputError: if the shapes differ or ``background_quantile`` is outside ``[0, threshold_quantile]``.
     """
     values = _as_float_cam(cam)
+    _check_background_quantile(settings.background_quantile, settings.threshold_quantile)
     if tissue is not None:
         _check_same_shape(values, np.asarray(tissue), "tissue mask")
     empty = np.zeros(values.shape, dtype=bool)
     if not positive:
-        return RefinementSteps(empty, empty.copy(), empty.copy())
+        return RefinementSteps(empty, empty.copy(), empty.copy(), empty.copy())
     thresholded = threshold_cam(values, tissue, settings.threshold_quantile, settings.restrict_to_tissue)
     cleaned = open_mask(thresholded, settings.opening_kernel)
     cleaned = close_mask(cleaned, settings.closing_kernel)
@@ -316,7 +333,54 @@ def refine_pseudo_mask(
     if tissue_region is not None:
         # Closing and the CRF can reach past the tissue edge; lesion pixels are tissue by definition.
         refined &= tissue_region
-    return RefinementSteps(thresholded, cleaned, refined)
+    if settings.background_quantile is None:
+        ignore = np.zeros(values.shape, dtype=bool)
+    else:
+        ignore = ignore_band(values, tissue_region, refined, settings.background_quantile)
+    return RefinementSteps(thresholded, cleaned, refined, ignore)
+
+
+def _check_background_quantile(background_quantile: float | None, threshold_quantile: float) -> None:
+    if background_quantile is not None and not 0.0 <= background_quantile <= threshold_quantile:
+        raise RefineInputError(
+            f"refine.background_quantile must be in [0, refine.threshold_quantile] = [0, {threshold_quantile}], "
+            f"got {background_quantile}"
+        )
+
+
+def ignore_band(
+    cam: np.ndarray, region: np.ndarray | None, foreground: np.ndarray, background_quantile: float
+) -> np.ndarray:
+    """The pixels that are neither foreground nor confident background: what the segmenter's loss ignores.
+
+    Background is every pixel outside ``region`` plus the region pixels whose CAM is at or below the
+    ``background_quantile`` of the region's CAM values (``cam <= quantile_cut(...)``, the chain's one cut, so
+    ``0`` calls no region pixel background). The foreground wins where the two meet (closing or the CRF can
+    reach low CAM values). With ``region`` None the whole tile is the region.
+
+    Args:
+        cam: ``(H, W)`` CAM (uint8 0..255 or float).
+        region: ``(H, W)`` tissue mask the chain took its quantiles over, or None for the whole tile.
+        foreground: ``(H, W)`` boolean pseudo-mask foreground.
+        background_quantile: in [0, 1].
+
+    Returns:
+        A boolean ``(H, W)`` mask, disjoint from ``foreground`` and from the background.
+
+    Raises:
+        RefineInputError: if the shapes differ or the quantile is outside [0, 1].
+    """
+    values = _as_float_cam(cam)
+    if not 0.0 <= background_quantile <= 1.0:
+        raise RefineInputError(f"refine.background_quantile must be in [0, 1], got {background_quantile}")
+    inside = np.ones(values.shape, dtype=bool) if region is None else np.asarray(region) > 0
+    _check_same_shape(values, inside, "tissue mask")
+    foreground = np.asarray(foreground, dtype=bool)
+    _check_same_shape(values, foreground, "foreground mask")
+    if not inside.any():
+        return np.zeros(values.shape, dtype=bool)
+    confident_background = values <= quantile_cut(values[inside], background_quantile)
+    return inside & ~confident_background & ~foreground
 
 
 def foreground_fraction(mask: np.ndarray, within: np.ndarray | None = None) -> float:

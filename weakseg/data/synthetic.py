@@ -231,6 +231,26 @@ def _splat(points: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- tile
+def draw_gland_shape(
+    rng: np.random.Generator, centre_y: float, centre_x: float, mean_radius: float, serrated: bool
+) -> _GlandShape:
+    """One gland's random shape (the draws, in order, that :func:`render_tile` makes for each gland)."""
+    radius = mean_radius * rng.uniform(0.85, 1.15)
+    return _GlandShape(
+        centre_y=centre_y,
+        centre_x=centre_x,
+        # Serrated glands are elongated; their radius is scaled so that their lumen area matches a
+        # regular crypt's on average. Their whole area is about a fifth smaller (less epithelium).
+        radius=radius * (0.93 if serrated else 1.0),
+        aspect=float(rng.uniform(1.6, 2.1)) if serrated else float(rng.uniform(1.0, 1.12)),
+        orientation=float(rng.uniform(0, 2 * np.pi)),
+        serrated=serrated,
+        teeth=int(rng.integers(7, 10)),
+        tooth_phase=float(rng.uniform(0, 2 * np.pi)),
+        wobble_phase=float(rng.uniform(0, 2 * np.pi)),
+    )
+
+
 def render_tile(rng: np.random.Generator, size: int, positive: bool) -> SyntheticTile:
     """Renders one H&E-like tile.
 
@@ -259,21 +279,7 @@ def render_tile(rng: np.random.Generator, size: int, positive: bool) -> Syntheti
     nuclei: list[np.ndarray] = []
     for centre_y, centre_x in centres:
         iy, ix = min(max(round(centre_y), 0), size - 1), min(max(round(centre_x), 0), size - 1)
-        serrated = bool(region[iy, ix])
-        radius = mean_radius * rng.uniform(0.85, 1.15)
-        shape = _GlandShape(
-            centre_y=float(centre_y),
-            centre_x=float(centre_x),
-            # Serrated glands are elongated; their radius is scaled so that their lumen area matches a
-            # regular crypt's on average. Their whole area is about a fifth smaller (less epithelium).
-            radius=radius * (0.93 if serrated else 1.0),
-            aspect=float(rng.uniform(1.6, 2.1)) if serrated else float(rng.uniform(1.0, 1.12)),
-            orientation=float(rng.uniform(0, 2 * np.pi)),
-            serrated=serrated,
-            teeth=int(rng.integers(7, 10)),
-            tooth_phase=float(rng.uniform(0, 2 * np.pi)),
-            wobble_phase=float(rng.uniform(0, 2 * np.pi)),
-        )
+        shape = draw_gland_shape(rng, float(centre_y), float(centre_x), mean_radius, bool(region[iy, ix]))
         nuclei.append(_draw_gland(shape, compartments, serrated_map, footprint, nucleus_spacing))
     gland_nuclei = np.concatenate(nuclei) if nuclei else np.zeros((0, 2))
 

@@ -12,6 +12,11 @@ target complemented). Its value is ``sum(p) / (2 * N - sum(p))`` for ``N`` pixel
 probability ``p``: zero only when nothing is predicted, finite, and its gradient lowers every pixel's
 foreground probability. The Lovasz hinge needs no such care (on an empty target it penalises the most
 confident false positive), and the classification BCE is defined for every label.
+
+Target pixels equal to :data:`IGNORE_INDEX` (the pseudo-masks' uncertain band, ``refine.background_quantile``)
+take no part in either mask term: both smp losses get ``ignore_index``, and a batch counts as having no
+foreground when none of its non-ignored pixels is foreground. Without an ignored pixel every term is
+bit-identical to the same losses without ``ignore_index``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
 from torch import nn
 
 from weakseg.params import SegmenterLossParams
+
+# The target value of a pixel that no mask term sees (uint8 masks: 0 background, 1 foreground, 255 ignored).
+IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,8 @@ class SegmentationLoss(nn.Module):
         super().__init__()
         self.weights = weights
         # Batch-pooled (smp's binary default), so a mixed batch scores negatives' false positives too.
-        self.dice_loss = DiceLoss(mode="binary", from_logits=True)
-        self.lovasz_loss = LovaszLoss(mode="binary", per_image=False, from_logits=True)
+        self.dice_loss = DiceLoss(mode="binary", from_logits=True, ignore_index=IGNORE_INDEX)
+        self.lovasz_loss = LovaszLoss(mode="binary", per_image=False, from_logits=True, ignore_index=IGNORE_INDEX)
 
     def terms(
         self,
@@ -62,7 +70,8 @@ class SegmentationLoss(nn.Module):
         Args:
             mask_logits: ``(N, 1, H, W)`` foreground logits.
             label_logits: ``(N, 1)`` or ``(N,)`` tile logits of the auxiliary head.
-            target_masks: ``(N, 1, H, W)`` or ``(N, H, W)`` masks in {0, 1}.
+            target_masks: ``(N, 1, H, W)`` or ``(N, H, W)`` masks in {0, 1}, or :data:`IGNORE_INDEX` where the
+                mask terms must not look.
             target_labels: ``(N,)`` tile labels in {0, 1}.
 
         Returns:
@@ -71,10 +80,12 @@ class SegmentationLoss(nn.Module):
         # Losses in float32 even under bf16 autocast: the Lovasz sort and Dice ratios lose too much in bf16.
         mask_logits = mask_logits.float()
         target_masks = target_masks.float().reshape(mask_logits.shape)
-        if bool((target_masks > 0.5).any()):
+        ignored = target_masks == IGNORE_INDEX
+        if bool(((target_masks > 0.5) & ~ignored).any()):
             dice = self.dice_loss(mask_logits, target_masks)
         else:
-            dice = self.dice_loss(-mask_logits, 1.0 - target_masks)
+            # The background class, ignored pixels kept ignored.
+            dice = self.dice_loss(-mask_logits, torch.where(ignored, target_masks, 1.0 - target_masks))
         lovasz = self.lovasz_loss(mask_logits, target_masks)
         classification = F.binary_cross_entropy_with_logits(
             label_logits.float().reshape(-1), target_labels.float().reshape(-1)

@@ -8,7 +8,12 @@ same best epoch), and nothing here writes a file: the stage does every write, fr
 
 Epochs are counted from 0. Epoch ``e`` trains the parameter groups :func:`trainable_groups` returns for
 ``e``, with augmentation seeded by ``seed + e`` and data order drawn from a generator seeded by
-``seed + e``, so a run repeats exactly.
+``seed + e``, so a run repeats exactly. ``classifier.balance`` counters class imbalance: ``sampler`` makes
+each epoch a seeded class-balanced draw (:func:`class_balanced_order`), ``weight`` weights the BCE term's
+positives by negatives / positives (:func:`positive_weight`).
+
+After the last epoch the best weights' decision threshold is chosen on the validation split
+(:func:`calibrate_decision`, highest balanced accuracy) and handed back with them.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
 from tqdm import tqdm
 
 from weakseg.errors import UserInputError
 from weakseg.losses.focal_tversky import FocalTverskyLoss
-from weakseg.metrics import classification_scores
+from weakseg.metrics import FALLBACK_THRESHOLD, choose_balanced_accuracy_threshold, classification_scores
 from weakseg.params import ClassifierParams, UnfreezeParams
 from weakseg.training.common import build_optimizer as build_common_optimizer
 from weakseg.training.common import autocast, worker_seed
@@ -39,6 +45,7 @@ from weakseg.training.distributed import (
     average_buffers,
     gather_batch,
     gather_objects,
+    pad_to_multiple,
     per_process_batch_size,
     prepare_model,
     shard,
@@ -139,14 +146,22 @@ class ClassificationLoss(nn.Module):
         alpha: Focal Tversky weight of false negatives.
         beta: Focal Tversky weight of false positives.
         gamma: Focal Tversky focal parameter.
+        pos_weight: the BCE term's weight of positive tiles (``classifier.balance: weight``); None: 1.
     """
 
     def __init__(
-        self, bce_weight: float, focal_tversky_weight: float, alpha: float, beta: float, gamma: float
+        self,
+        bce_weight: float,
+        focal_tversky_weight: float,
+        alpha: float,
+        beta: float,
+        gamma: float,
+        pos_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.bce_weight = bce_weight
         self.focal_tversky_weight = focal_tversky_weight
+        self.pos_weight = pos_weight
         self.bce = nn.BCEWithLogitsLoss()
         self.focal_tversky = FocalTverskyLoss(alpha, beta, gamma)
 
@@ -156,21 +171,39 @@ class ClassificationLoss(nn.Module):
         targets = targets.float().reshape(-1)
         loss = logits.new_zeros(())
         if self.bce_weight:
-            loss = loss + self.bce_weight * self.bce(logits, targets)
+            if self.pos_weight is None:
+                bce = self.bce(logits, targets)
+            else:  # made on the logits' device: the loss module itself is never moved
+                bce = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=logits.new_tensor(self.pos_weight))
+            loss = loss + self.bce_weight * bce
         if self.focal_tversky_weight:
             loss = loss + self.focal_tversky_weight * self.focal_tversky(logits, targets)
         return loss
 
 
-def build_loss(params: ClassifierParams) -> ClassificationLoss:
-    """The classifier's loss from its parameters."""
+def build_loss(params: ClassifierParams, pos_weight: float | None = None) -> ClassificationLoss:
+    """The classifier's loss from its parameters, with the BCE term's ``pos_weight`` if given."""
     return ClassificationLoss(
         params.bce_weight,
         params.focal_tversky_weight,
         params.focal_tversky.alpha,
         params.focal_tversky.beta,
         params.focal_tversky.gamma,
+        pos_weight,
     )
+
+
+def positive_weight(labels: np.ndarray | list[bool]) -> float | None:
+    """``classifier.balance: weight``'s BCE ``pos_weight``: negatives / positives of the training labels.
+
+    None (no weighting) when either class is absent: there is no ratio to correct.
+    """
+    labels_array = np.asarray(labels, dtype=bool).reshape(-1)
+    positives = int(labels_array.sum())
+    negatives = int(labels_array.size - positives)
+    if positives == 0 or negatives == 0:
+        return None
+    return negatives / positives
 
 
 def build_optimizer(model: nn.Module, params: ClassifierParams) -> torch.optim.Optimizer:
@@ -219,6 +252,31 @@ def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
     return dataset_size // batch_size if train_drops_last(dataset_size, batch_size) else 1
 
 
+def class_balanced_order(labels: np.ndarray | list[bool], seed: int, epoch: int) -> list[int]:
+    """The tile order of one ``classifier.balance: sampler`` epoch: a class-balanced draw with replacement.
+
+    As many tiles as ``labels`` holds are drawn, each class with total probability one half (each tile
+    with ``1 / (2 * its class size)``), by a ``WeightedRandomSampler`` whose generator is seeded with
+    ``seed + epoch``: the same seed and epoch give the same order, another epoch another one. With one
+    class only, the draw is uniform.
+
+    Raises:
+        ValueError: if ``labels`` is empty.
+    """
+    labels_array = np.asarray(labels, dtype=bool).reshape(-1)
+    if labels_array.size == 0:
+        raise ValueError("the training set is empty")
+    positives = int(labels_array.sum())
+    negatives = int(labels_array.size - positives)
+    weights = np.where(labels_array, 1.0 / max(positives, 1), 1.0 / max(negatives, 1))
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    sampler = WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.float64), int(labels_array.size), replacement=True, generator=generator
+    )
+    return [int(index) for index in sampler]
+
+
 def build_train_loader(
     dataset: TileDataset,
     batch_size: int,
@@ -227,19 +285,33 @@ def build_train_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     context: DistributedContext | None = None,
+    balanced: bool = False,
 ) -> DataLoader:
     """The shuffled, augmented loader of one training epoch (of this rank, when distributed).
 
     The augmentation is re-seeded with ``seed + epoch`` and the order comes from a generator seeded with
-    ``seed + epoch``; workers derive their own seeds from it. Under a distributed ``context``,
-    ``batch_size`` is still the global batch: a :class:`SameOrderDistributedSampler` gives this rank its
-    strided share of the one-process order, in batches of ``batch_size / world_size``, and each rank
-    augments with its own stream (derived from the epoch's seed and the rank).
+    ``seed + epoch``; workers derive their own seeds from it. With ``balanced``, the order is
+    :func:`class_balanced_order` of the dataset's labels (as many tiles, so as many steps, as a shuffled
+    epoch). Under a distributed ``context``, ``batch_size`` is still the global batch: each rank gets its
+    strided share of the one-process order (:class:`SameOrderDistributedSampler`, or the same cut of the
+    balanced draw), in batches of ``batch_size / world_size``, and each rank augments with its own stream
+    (derived from the epoch's seed and the rank).
     """
     epoch_seed = seed + epoch
     if context is not None and context.enabled:
-        return _distributed_train_loader(dataset, batch_size, seed, epoch, num_workers, pin_memory, context)
+        return _distributed_train_loader(dataset, batch_size, seed, epoch, num_workers, pin_memory, context, balanced)
     dataset.set_augmentation_seed(epoch_seed)
+    if balanced:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=class_balanced_order(dataset.labels > 0.5, seed, epoch),
+            drop_last=train_drops_last(len(dataset), batch_size),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            worker_init_fn=functools.partial(_seed_worker, base_seed=epoch_seed) if num_workers > 0 else None,
+            persistent_workers=False,
+        )
     generator = torch.Generator()
     generator.manual_seed(epoch_seed)
     return DataLoader(
@@ -263,16 +335,21 @@ def _distributed_train_loader(
     num_workers: int,
     pin_memory: bool,
     context: DistributedContext,
+    balanced: bool = False,
 ) -> DataLoader:
     """This rank's loader of one epoch: see :func:`build_train_loader`."""
     # Ranks must not share one augmentation stream, or tiles at the same place of each rank's batch would
     # be flipped and jittered alike.
     rank_seed = worker_seed(seed + epoch, 1_000 + context.rank)
     dataset.set_augmentation_seed(rank_seed)
-    sampler = SameOrderDistributedSampler(
-        len(dataset), batch_size, train_drops_last(len(dataset), batch_size), context, seed
-    )
-    sampler.set_epoch(epoch)
+    drop_last = train_drops_last(len(dataset), batch_size)
+    sampler: SameOrderDistributedSampler | list[int]
+    if balanced:
+        order = class_balanced_order(dataset.labels > 0.5, seed, epoch)
+        sampler = shard(whole_global_batches(order, batch_size, drop_last, context), context)
+    else:
+        sampler = SameOrderDistributedSampler(len(dataset), batch_size, drop_last, context, seed)
+        sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
         batch_size=per_process_batch_size(batch_size, context.world_size, "classifier.batch_size"),
@@ -283,6 +360,19 @@ def _distributed_train_loader(
         worker_init_fn=functools.partial(_seed_worker, base_seed=rank_seed) if num_workers > 0 else None,
         persistent_workers=False,
     )
+
+
+def whole_global_batches(
+    order: list[int], global_batch_size: int, drop_last: bool, context: DistributedContext
+) -> list[int]:
+    """An epoch's order cut to whole global batches (``drop_last``) or padded to a multiple of the ranks.
+
+    What :class:`SameOrderDistributedSampler` does to a shuffled order, so that every rank's strided
+    share (:func:`shard`) has the same number of steps and step ``s`` of all ranks is batch ``s``.
+    """
+    if drop_last:
+        return order[: len(order) // global_batch_size * global_batch_size]
+    return pad_to_multiple(order, context.world_size)
 
 
 def build_eval_loader(
@@ -437,14 +527,97 @@ def is_better(metric: str, candidate: float, best: float | None) -> bool:
     return candidate < best if metric == "loss" else candidate > best
 
 
+@dataclass(frozen=True)
+class DecisionCalibration:
+    """The classifier's tile decision threshold, chosen on the validation split, and its scores there.
+
+    Attributes:
+        threshold: a tile is positive when the classifier's probability is ``>= threshold``.
+        reason: empty when the threshold was chosen on validation; otherwise why 0.5 was kept.
+        metrics: ``accuracy``, ``balanced_accuracy``, ``auc``, ``sensitivity``, ``specificity`` on the
+            validation split at ``threshold``.
+    """
+
+    threshold: float
+    reason: str
+    metrics: dict[str, float]
+
+    def record(self) -> dict[str, Any]:
+        """The ``decision`` entry of ``metrics/classifier.json``: threshold, metrics, and the reason if any."""
+        record: dict[str, Any] = {"threshold": self.threshold, **self.metrics}
+        if self.reason:
+            record["threshold_reason"] = self.reason
+        return record
+
+
+def choose_decision(labels: torch.Tensor, logits: torch.Tensor) -> DecisionCalibration:
+    """The balanced-accuracy threshold of validation ``logits`` against 0/1 ``labels``, and its scores.
+
+    :func:`weakseg.metrics.choose_balanced_accuracy_threshold` states the rule, the tie rule and when 0.5
+    is kept (a split of one class, or no cut better than chance).
+    """
+    positives = labels.numpy().reshape(-1) > 0.5
+    probabilities = torch.sigmoid(logits.float()).numpy().astype(np.float64).reshape(-1)
+    choice = choose_balanced_accuracy_threshold(positives, probabilities)
+    return DecisionCalibration(
+        threshold=choice.threshold,
+        reason=choice.reason,
+        metrics=classification_scores(positives, probabilities, choice.threshold),
+    )
+
+
+def calibrate_decision(
+    model: nn.Module,
+    validation_dataset: TileDataset,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    context: DistributedContext | None = None,
+) -> DecisionCalibration:
+    """Chooses the (best) model's decision threshold on the validation split and scores it there.
+
+    The model runs in float32 without autocast, as ``evaluate`` and ``predict`` run the saved checkpoint;
+    under a distributed ``context`` every rank scores its share and all get the same answer. ``model`` is
+    the bare model, not its DDP wrapper.
+    """
+    if context is not None and context.enabled:
+        logits, labels = distributed_predict_logits(model, validation_dataset, batch_size, context, num_workers)
+    else:
+        loader = build_eval_loader(validation_dataset, batch_size, num_workers, device.type == "cuda")
+        logits, labels = predict_logits(model, loader, device)
+    return choose_decision(labels, logits)
+
+
+def describe_balance(mode: str, labels: np.ndarray, pos_weight: float | None) -> str:
+    """One log line saying how ``classifier.balance`` treats the training split."""
+    positives = int(np.count_nonzero(labels))
+    counts = f"{positives} positive / {labels.size - positives} negative train tiles"
+    if mode == "sampler":
+        return f"classifier.balance: sampler (each epoch a class-balanced draw of {labels.size} tiles; {counts})"
+    if mode == "weight":
+        if pos_weight is None:
+            return f"classifier.balance: weight, but one class is absent ({counts}): BCE left unweighted"
+        return f"classifier.balance: weight (BCE pos_weight {pos_weight:.4g}; {counts})"
+    return f"classifier.balance: none ({counts})"
+
+
 @dataclass
 class TrainingResult:
-    """What the loop hands back to the stage."""
+    """What the loop hands back to the stage.
+
+    ``decision`` is the best weights' decision threshold chosen on the validation split (0.5 with a reason
+    where none can be chosen; the default only for results built by hand).
+    """
 
     best_state_dict: dict[str, torch.Tensor]
     best_epoch: int
     best_scores: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
+    decision: DecisionCalibration = field(
+        default_factory=lambda: DecisionCalibration(FALLBACK_THRESHOLD, "not calibrated", {})
+    )
+    balance: str = "none"
+    pos_weight: float | None = None
 
 
 def train_classifier(
@@ -473,14 +646,18 @@ def train_classifier(
         context: the process group position; ``None`` or one process trains here alone.
 
     Returns:
-        The best state dict (on the CPU), its epoch and validation scores, and the history rows.
+        The best state dict (on the CPU), its epoch and validation scores, the history rows, and the best
+        weights' decision threshold chosen on validation (the model is left holding the best weights).
     """
     distributed = context if context is not None and context.enabled else None
     if distributed is not None:
         per_process_batch_size(params.batch_size, distributed.world_size, "classifier.batch_size")
         model = prepare_model(model, distributed)
     model.to(device)
-    loss_function = build_loss(params)
+    train_labels = np.asarray(train_dataset.labels) > 0.5
+    pos_weight = positive_weight(train_labels) if params.balance == "weight" else None
+    LOGGER.info(describe_balance(params.balance, train_labels, pos_weight))
+    loss_function = build_loss(params, pos_weight)
     optimizer = build_optimizer(model, params)
     # Global steps: a distributed epoch has as many steps as a one-process epoch (global batches).
     scheduler = build_scheduler(optimizer, params, steps_per_epoch(len(train_dataset), params.batch_size))
@@ -501,7 +678,14 @@ def train_classifier(
             # DDP synchronises the parameters that train when it is built: unfreezing needs a new wrapper.
             trained_model, wrapped_groups = wrap_model(model, distributed), set(groups)
         loader = build_train_loader(
-            train_dataset, params.batch_size, seed, epoch, params.num_workers, pin_memory, distributed
+            train_dataset,
+            params.batch_size,
+            seed,
+            epoch,
+            params.num_workers,
+            pin_memory,
+            distributed,
+            balanced=params.balance == "sampler",
         )
         train_loss, lr = train_one_epoch(
             trained_model,
@@ -552,5 +736,8 @@ def train_classifier(
             best_state = {key: tensor.detach().cpu().clone() for key, tensor in model.state_dict().items()}
     # The model leaves the loop with every parameter trainable, as a user of the returned model expects.
     apply_trainable_groups(model, set(ALL_GROUPS))
+    # The kept epoch's decision threshold, chosen on validation (every rank alike: same weights, same tiles).
+    model.load_state_dict(best_state)
+    decision = calibrate_decision(model, validation_dataset, params.batch_size, device, params.num_workers, distributed)
     model.eval()
-    return TrainingResult(best_state, best_epoch, best_scores, history)
+    return TrainingResult(best_state, best_epoch, best_scores, history, decision, params.balance, pos_weight)

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from weakseg.data.layout import Tile
-from weakseg.io import read_mask, read_rgb
+from weakseg.io import read_mask, read_pseudo_mask, read_rgb
+from weakseg.losses.segmentation import IGNORE_INDEX
 from weakseg.models import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -42,11 +43,31 @@ def load_masks(folder: str | Path, tiles: Sequence[Tile], description: str = "lo
     return np.stack(masks) if masks else np.zeros((0, 0, 0), dtype=bool)
 
 
+def load_pseudo_masks(
+    folder: str | Path, tiles: Sequence[Tile], description: str = "loading pseudo-masks"
+) -> np.ndarray:
+    """Decodes ``folder/NAME`` pseudo-masks into one ``(N, H, W)`` uint8 array of training targets.
+
+    0 is background, 1 foreground and :data:`~weakseg.losses.segmentation.IGNORE_INDEX` (255) the ignored
+    band (128 on disk, :func:`weakseg.io.read_pseudo_mask`). A two-label file gives 0/1, the same targets
+    as :func:`load_masks`.
+    """
+    folder = Path(folder)
+    targets = []
+    for tile in tqdm(tiles, desc=description, leave=False):
+        foreground, ignore = read_pseudo_mask(folder / tile.name)
+        target = foreground.astype(np.uint8)
+        target[ignore] = IGNORE_INDEX
+        targets.append(target)
+    return np.stack(targets) if targets else np.zeros((0, 0, 0), dtype=np.uint8)
+
+
 class TileDataset(Dataset):
     """Tiles with their image labels and, optionally, masks, augmented identically.
 
     Items are ``(image, label)`` or ``(image, label, mask)``: a normalized float tensor ``(3, H, W)``,
-    a float label (1.0 positive), and a float mask ``(1, H, W)``.
+    a float label (1.0 positive), and a float mask ``(1, H, W)`` (0, 1, or 255 where the loss ignores the
+    pixel; boolean or uint8 masks are both accepted, and the 255 label moves with the geometric transforms).
     """
 
     def __init__(

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from tqdm import tqdm
 
 from weakseg.errors import UserInputError
-from weakseg.losses.segmentation import SegmentationLoss
+from weakseg.losses.segmentation import IGNORE_INDEX, SegmentationLoss
 from weakseg.metrics import PixelCounts, choose_balanced_accuracy_threshold, classification_scores
 from weakseg.models import build_segmenter
 from weakseg.params import SegmenterParams
@@ -46,7 +46,11 @@ PREDICTION_THRESHOLD = 0.5
 
 @dataclass
 class SegmenterData:
-    """One split in memory: uint8 tiles ``(N, H, W, 3)``, boolean masks ``(N, H, W)``, tile labels ``(N,)``."""
+    """One split in memory: uint8 tiles ``(N, H, W, 3)``, masks ``(N, H, W)``, tile labels ``(N,)``.
+
+    Masks are boolean, or uint8 with 0 background, 1 foreground and ``IGNORE_INDEX`` (255) for pixels the
+    loss and the validation counts skip (the pseudo-masks' uncertain band).
+    """
 
     images: np.ndarray
     masks: np.ndarray
@@ -267,7 +271,10 @@ def validate(
     mixed_precision: bool,
     threshold: float = PREDICTION_THRESHOLD,
 ) -> ValidationResult:
-    """Pooled pixel counts at ``threshold`` (negatives included) and the summed loss over ``loader``."""
+    """Pooled pixel counts at ``threshold`` (negatives included) and the summed loss over ``loader``.
+
+    Pixels whose target is ``IGNORE_INDEX`` count in neither the loss nor the pixel counts.
+    """
     model.eval()
     counts = PixelCounts()
     loss_sum, tiles = 0.0, 0
@@ -280,7 +287,8 @@ def validate(
         loss_sum += float(loss_function(mask_logits, label_logits, masks, labels)) * len(images)
         tiles += len(images)
         predicted = (torch.sigmoid(mask_logits.float()) >= threshold).cpu().numpy()
-        counts.add(predicted, masks.cpu().numpy() > 0.5)
+        targets = masks.cpu().numpy()
+        counts.add(predicted, targets == 1, where=targets != IGNORE_INDEX)
     return ValidationResult(counts=counts, loss_sum=loss_sum, tiles=tiles)
 
 
