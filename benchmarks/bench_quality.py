@@ -57,13 +57,16 @@ KEYS = ("iou", "dice", "miou")
 FULLY_SUPERVISED_FLOOR = 0.75
 # Rows read from a weakseg run's metrics/evaluate.json: (row, path in the file, what it uses).
 DERIVED_ROWS = {
-    "tissue_if_classified_positive": ("baseline.tissue_if_classified_positive.vs_truth", "tissue masks, classifier decisions"),
+    "tissue_if_classified_positive": (
+        "baseline.tissue_if_classified_positive.vs_truth",
+        "tissue masks, classifier decisions",
+    ),
     "tissue_if_label_positive_oracle_label": (
         "baseline.tissue_if_label_positive_oracle_label.vs_truth",
         "tissue masks, the TRUE test labels (an oracle)",
     ),
     "cam_thresholded": ("cam.vs_truth", "the classifier's CAM at the quantile, classifier decisions"),
-    "pseudo_masks": ("pseudo.vs_truth", "refined pseudo-masks (morphology, CRF), classifier decisions"),
+    "pseudo_masks": ("pseudo.vs_truth", "weakseg's refined pseudo-masks (their foreground), classifier decisions"),
 }
 # Ablation rows read from a trained run's evaluate.json: (row, source run, path, what it uses).
 VARIANT_ROWS = {

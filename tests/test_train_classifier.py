@@ -333,21 +333,26 @@ def test_stage_succeeds_without_decoding_any_test_tile(trained: dict[str, Any]) 
     assert len(trained["decoded"]) == len(train_names)
 
 
+def _validation_probabilities(folder: Path) -> tuple[dict[str, Any], list[Any], np.ndarray]:
+    """The saved classifier's checkpoint, the validation tiles, and its float64 probabilities on them."""
+    payload = models.load_checkpoint(folder / "models" / "classifier.pt", kind="classifier")
+    model = models.model_from_checkpoint(payload)
+    tiles = read_annotations(folder / "data" / "normalized" / "annotations.csv", "SSA")
+    params = Params()
+    _, validation = split_train_validation(partition(tiles, "train"), params.split.validation_fraction, params.split.seed)
+    images = datasets.load_tiles(folder / "data" / "normalized" / "images", validation)
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(images_to_tensor(images)).reshape(-1)).numpy().astype(np.float64)
+    return payload, validation, probabilities
+
+
 def test_checkpoint_round_trip_reproduces_the_reported_validation_metrics(trained: dict[str, Any]) -> None:
     folder = trained["folder"]
     raw = torch.load(folder / "models" / "classifier.pt", map_location="cpu", weights_only=True)
     assert raw["kind"] == "classifier" and raw["arch"] == "resnet18"
     assert raw["positive_label"] == "SSA" and raw["negative_label"] == "HP"
     assert raw["tile_size"] == TILE and raw["preprocessing"]["tile_size"] == TILE
-    payload = models.load_checkpoint(folder / "models" / "classifier.pt", kind="classifier")
-    model = models.model_from_checkpoint(payload)
-
-    tiles = read_annotations(folder / "data" / "normalized" / "annotations.csv", "SSA")
-    params = Params()
-    _, validation = split_train_validation(partition(tiles, "train"), params.split.validation_fraction, params.split.seed)
-    images = datasets.load_tiles(folder / "data" / "normalized" / "images", validation)
-    with torch.no_grad():
-        probabilities = torch.sigmoid(model(images_to_tensor(images)).reshape(-1)).numpy()
+    payload, validation, probabilities = _validation_probabilities(folder)
     scores = classification_scores([tile.positive for tile in validation], probabilities)
     reported = json.loads((folder / "metrics" / "classifier.json").read_text())
     assert scores["accuracy"] == pytest.approx(reported["validation"]["accuracy"], abs=1e-9)
@@ -495,14 +500,7 @@ def test_decision_threshold_of_a_shifted_classifier_is_chosen_on_validation() ->
 
 def test_stage_stores_and_reports_the_validation_decision_threshold(trained: dict[str, Any]) -> None:
     folder = trained["folder"]
-    payload = models.load_checkpoint(folder / "models" / "classifier.pt", kind="classifier")
-    model = models.model_from_checkpoint(payload)
-    tiles = read_annotations(folder / "data" / "normalized" / "annotations.csv", "SSA")
-    params = Params()
-    _, validation = split_train_validation(partition(tiles, "train"), params.split.validation_fraction, params.split.seed)
-    images = datasets.load_tiles(folder / "data" / "normalized" / "images", validation)
-    with torch.no_grad():
-        probabilities = torch.sigmoid(model(images_to_tensor(images)).reshape(-1)).numpy().astype(np.float64)
+    payload, validation, probabilities = _validation_probabilities(folder)
     labels = [tile.positive for tile in validation]
     expected = choose_balanced_accuracy_threshold(labels, probabilities).threshold
     reported = json.loads((folder / "metrics" / "classifier.json").read_text())

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from stages import train_segmenter as stage
-from weakseg.data.layout import Tile, write_annotations
+from weakseg.data.layout import Tile, read_annotations, write_annotations
 from weakseg.inference import load_model
 from weakseg.io import write_png
 from weakseg.metrics import PixelCounts
@@ -404,3 +404,27 @@ def test_validation_counts_leave_ignored_pixels_out() -> None:
     result = loop.validate(_EverywhereLesion(), loader, loss, torch.device("cpu"), mixed_precision=False)
     assert result.counts == PixelCounts(true_positive=32, false_positive=64, false_negative=0, true_negative=0)
     assert result.counts.iou == pytest.approx(32 / 96)
+
+
+def test_truth_targets_without_true_masks_fail_before_training_naming_the_parameter(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["segmenter"] = {**params["segmenter"], "targets": "truth"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    trained: list[bool] = []
+    monkeypatch.setattr(stage, "run_training_stage", lambda *args, **kwargs: trained.append(True))
+    assert run_stage("train_segmenter", stage.run, argv=[]) == 2
+    assert "segmenter.targets" in capsys.readouterr().err and not trained
+
+
+def test_truth_targets_train_on_the_true_masks(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With segmenter.targets: truth the split loads data/raw/masks, not the pseudo-masks."""
+    shutil.copytree(project / "data/pseudo_masks", project / "data/raw/masks")
+    for path in (project / "data/pseudo_masks").iterdir():
+        write_png(path, np.zeros((8, 8), dtype=bool))  # wrong size on purpose: never read under truth
+    assert stage.target_masks_folder("truth") == stage.TRUE_MASKS
+    annotations = read_annotations(project / "data/normalized/annotations.csv", "SSA")
+    tiles = [tile for tile in annotations if tile.partition == "train"]
+    data = stage._load_split(tiles[:2], "train", stage.target_masks_folder("truth"))
+    assert data.masks.shape[1:] == data.images.shape[1:3]

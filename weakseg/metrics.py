@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -263,3 +264,38 @@ def choose_balanced_accuracy_threshold(labels: Sequence[bool], scores: Sequence[
 def best_balanced_accuracy_threshold(labels: Sequence[bool], scores: Sequence[float]) -> float:
     """The threshold of :func:`choose_balanced_accuracy_threshold` (0.5 where it falls back)."""
     return choose_balanced_accuracy_threshold(labels, scores).threshold
+
+
+@dataclass(frozen=True)
+class ThresholdCalibration:
+    """A tile decision threshold chosen on the validation split, and the scores there at it.
+
+    Used for the classifier's ``decision_threshold`` and the segmenter head's ``head_threshold``.
+
+    Attributes:
+        threshold: a tile is positive when its probability is ``>= threshold``.
+        reason: empty when the threshold was chosen on validation; otherwise why 0.5 was kept.
+        metrics: ``accuracy``, ``balanced_accuracy``, ``auc``, ``sensitivity``, ``specificity`` on the
+            validation split at ``threshold``.
+    """
+
+    threshold: float
+    reason: str
+    metrics: dict[str, float]
+
+    def record(self) -> dict[str, Any]:
+        """The metrics-file entry: the threshold, the metrics, and the reason if any."""
+        record: dict[str, Any] = {"threshold": self.threshold, **self.metrics}
+        if self.reason:
+            record["threshold_reason"] = self.reason
+        return record
+
+
+def calibrate_threshold(labels: Sequence[bool], probabilities: Sequence[float]) -> ThresholdCalibration:
+    """:func:`choose_balanced_accuracy_threshold` on validation scores, with the scores at the chosen cut."""
+    choice = choose_balanced_accuracy_threshold(labels, probabilities)
+    return ThresholdCalibration(
+        threshold=choice.threshold,
+        reason=choice.reason,
+        metrics=classification_scores(labels, probabilities, choice.threshold),
+    )

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from weakseg.errors import UserInputError
 from weakseg.losses.focal_tversky import FocalTverskyLoss
-from weakseg.metrics import FALLBACK_THRESHOLD, choose_balanced_accuracy_threshold, classification_scores
+from weakseg.metrics import FALLBACK_THRESHOLD, ThresholdCalibration, calibrate_threshold, classification_scores
 from weakseg.params import ClassifierParams, UnfreezeParams
 from weakseg.training.common import build_optimizer as build_common_optimizer
 from weakseg.training.common import autocast, worker_seed
@@ -527,30 +527,7 @@ def is_better(metric: str, candidate: float, best: float | None) -> bool:
     return candidate < best if metric == "loss" else candidate > best
 
 
-@dataclass(frozen=True)
-class DecisionCalibration:
-    """The classifier's tile decision threshold, chosen on the validation split, and its scores there.
-
-    Attributes:
-        threshold: a tile is positive when the classifier's probability is ``>= threshold``.
-        reason: empty when the threshold was chosen on validation; otherwise why 0.5 was kept.
-        metrics: ``accuracy``, ``balanced_accuracy``, ``auc``, ``sensitivity``, ``specificity`` on the
-            validation split at ``threshold``.
-    """
-
-    threshold: float
-    reason: str
-    metrics: dict[str, float]
-
-    def record(self) -> dict[str, Any]:
-        """The ``decision`` entry of ``metrics/classifier.json``: threshold, metrics, and the reason if any."""
-        record: dict[str, Any] = {"threshold": self.threshold, **self.metrics}
-        if self.reason:
-            record["threshold_reason"] = self.reason
-        return record
-
-
-def choose_decision(labels: torch.Tensor, logits: torch.Tensor) -> DecisionCalibration:
+def choose_decision(labels: torch.Tensor, logits: torch.Tensor) -> ThresholdCalibration:
     """The balanced-accuracy threshold of validation ``logits`` against 0/1 ``labels``, and its scores.
 
     :func:`weakseg.metrics.choose_balanced_accuracy_threshold` states the rule, the tie rule and when 0.5
@@ -558,12 +535,7 @@ def choose_decision(labels: torch.Tensor, logits: torch.Tensor) -> DecisionCalib
     """
     positives = labels.numpy().reshape(-1) > 0.5
     probabilities = torch.sigmoid(logits.float()).numpy().astype(np.float64).reshape(-1)
-    choice = choose_balanced_accuracy_threshold(positives, probabilities)
-    return DecisionCalibration(
-        threshold=choice.threshold,
-        reason=choice.reason,
-        metrics=classification_scores(positives, probabilities, choice.threshold),
-    )
+    return calibrate_threshold(positives, probabilities)
 
 
 def calibrate_decision(
@@ -573,7 +545,7 @@ def calibrate_decision(
     device: torch.device,
     num_workers: int = 0,
     context: DistributedContext | None = None,
-) -> DecisionCalibration:
+) -> ThresholdCalibration:
     """Chooses the (best) model's decision threshold on the validation split and scores it there.
 
     The model runs in float32 without autocast, as ``evaluate`` and ``predict`` run the saved checkpoint;
@@ -613,8 +585,8 @@ class TrainingResult:
     best_epoch: int
     best_scores: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
-    decision: DecisionCalibration = field(
-        default_factory=lambda: DecisionCalibration(FALLBACK_THRESHOLD, "not calibrated", {})
+    decision: ThresholdCalibration = field(
+        default_factory=lambda: ThresholdCalibration(FALLBACK_THRESHOLD, "not calibrated", {})
     )
     balance: str = "none"
     pos_weight: float | None = None

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from weakseg.errors import UserInputError
 from weakseg.losses.segmentation import IGNORE_INDEX, SegmentationLoss
-from weakseg.metrics import PixelCounts, choose_balanced_accuracy_threshold, classification_scores
+from weakseg.metrics import PixelCounts, ThresholdCalibration, calibrate_threshold
 from weakseg.models import build_segmenter
 from weakseg.params import SegmenterParams
 from weakseg.training.augment import build_augmentation
@@ -81,29 +81,6 @@ class ValidationResult:
         return self.loss_sum / self.tiles if self.tiles else 0.0
 
 
-@dataclass(frozen=True)
-class HeadCalibration:
-    """The classification head's tile decision threshold, chosen on the validation split, and its scores there.
-
-    Attributes:
-        threshold: a tile is positive when the head's probability is ``>= threshold``.
-        reason: empty when the threshold was chosen on validation; otherwise why 0.5 was kept.
-        metrics: ``accuracy``, ``balanced_accuracy``, ``auc``, ``sensitivity``, ``specificity`` of the
-            head on the validation split at ``threshold``.
-    """
-
-    threshold: float
-    reason: str
-    metrics: dict[str, float]
-
-    def record(self) -> dict[str, Any]:
-        """The ``val_head`` entry of ``metrics/segmenter.json``: threshold, metrics, and the reason if any."""
-        record: dict[str, Any] = {"threshold": self.threshold, **self.metrics}
-        if self.reason:
-            record["threshold_reason"] = self.reason
-        return record
-
-
 @dataclass
 class SegmenterTrainingResult:
     """What a training run produces."""
@@ -111,7 +88,7 @@ class SegmenterTrainingResult:
     best_state_dict: dict[str, torch.Tensor]
     best_epoch: int
     best_metrics: dict[str, float]
-    head: HeadCalibration
+    head: ThresholdCalibration
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early_at: int | None = None
 
@@ -308,7 +285,7 @@ def head_probabilities(model: nn.Module, images: np.ndarray, batch_size: int, de
 
 def calibrate_head(
     model: nn.Module, validation: SegmenterData, batch_size: int, device: torch.device
-) -> HeadCalibration:
+) -> ThresholdCalibration:
     """Chooses the head's tile threshold on ``validation`` (highest balanced accuracy) and scores it there.
 
     The head learns from BCE on a curriculum that shows negative tiles late and rarely, so its
@@ -317,12 +294,7 @@ def calibrate_head(
     0.5 is kept (e.g. a validation split of one class).
     """
     scores = head_probabilities(model, validation.images, batch_size, device)
-    choice = choose_balanced_accuracy_threshold(validation.positives, scores)
-    return HeadCalibration(
-        threshold=choice.threshold,
-        reason=choice.reason,
-        metrics=classification_scores(validation.positives, scores, choice.threshold),
-    )
+    return calibrate_threshold(validation.positives, scores)
 
 
 def sum_over_ranks(result: ValidationResult, context: DistributedContext) -> ValidationResult:
