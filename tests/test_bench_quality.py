@@ -76,3 +76,25 @@ def test_paper_and_reference_rows_differ_from_the_default_only_where_they_should
     assert {key: value for key, value in full["segmenter"].items() if key != "targets"} == {
         key: value for key, value in weak["segmenter"].items() if key != "targets"
     }
+
+
+def test_a_resumed_benchmark_runs_only_what_is_missing(tmp_path: Path, monkeypatch: Any) -> None:
+    """Finished runs (same params, same code) are skipped; a row whose params equal another's is not rerun."""
+    monkeypatch.setattr(bench_quality, "sync_code", lambda project: "code-1")
+    (tmp_path / "demo" / "project" / ".dvc").mkdir(parents=True)
+    ran: list[str] = []
+
+    def fake_run(project: Path, params: dict[str, Any]) -> dict[str, Any]:
+        ran.append(params["segmenter"]["targets"])
+        return {"seconds": 1.0, "stage_seconds": {"evaluate": 1.0}, "metrics": _evaluate_json(0.5, 0.4)}
+
+    monkeypatch.setattr(bench_quality, "run_one", fake_run)
+    runs: dict[str, Any] = {
+        "demo/weakseg/0": {"params": bench_quality.method_params("demo", "weakseg", 0), "code": "code-1", "seconds": 9.0}
+    }
+    bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
+    assert ran == ["truth", "pseudo"]  # fully_supervised and paper; weakseg was finished
+    assert runs["demo/weakseg/0"]["seconds"] == 9.0
+    monkeypatch.setattr(bench_quality, "sync_code", lambda project: "code-2")  # new code: everything again
+    bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
+    assert len(ran) == 5
