@@ -7,14 +7,14 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
 
 - ``weakseg``: the default method (the dataset's preset as it stands);
 - ``paper``: the paper's chain at the same CPU budget (the preset with ``presets/paper-mhist.yaml``'s
-  ``cam`` and ``refine`` sections and its ungated segmenter; the same classifier as ``weakseg``, so the rows
-  differ in the pseudo-masks and the gate only); a run whose params equal another row's is not run twice;
+  ``cam`` and ``refine`` sections and its ``evaluate.segmenter_gate``; the same classifier as ``weakseg``, so
+  the rows differ in the pseudo-masks only); a run whose params equal another row's is not run twice;
 - ``fully_supervised``: the same preset with ``segmenter.targets: truth`` (the yardstick);
 - from each ``weakseg`` run's ``metrics/evaluate.json``: ``tissue_if_classified_positive`` (all tissue on
   tiles that run's classifier calls positive), ``tissue_if_label_positive_oracle_label``, and the ablation
   rows ``cam_thresholded`` and ``pseudo_masks`` (classifier-gated, as the pipeline would output them);
 - ablations read from the trained runs' ``evaluate.json``: ``paper_classifier_gated`` (the paper's
-  segmenter with weakseg's classification gate) and ``weakseg_ungated`` (weakseg without the gate).
+  segmenter with the classification gate) and ``weakseg_classifier_gated`` (weakseg with it).
 
 Each (dataset, method, seed) runs ``dvc repro`` in one project copy per dataset under ``.bench/quality``
 (git-ignored), so DVC's run cache restores every stage an earlier run already computed; a finished run's
@@ -75,11 +75,15 @@ VARIANT_ROWS = {
         "segmenter_classifier_gated.vs_truth",
         "the paper's segmenter, classifier-gated",
     ),
-    "weakseg_ungated": ("weakseg", "segmenter_ungated.vs_truth", "weakseg without the classification gate"),
+    "weakseg_classifier_gated": (
+        "weakseg",
+        "segmenter_classifier_gated.vs_truth",
+        "weakseg with the classification gate (evaluate.segmenter_gate: classifier)",
+    ),
 }
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
-    "weakseg": "the default method (ignore band, no CRF, classifier gate, balanced classifier), tile labels only",
+    "weakseg": "the default method (ignore band, no CRF, balanced classifier), tile labels only",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
 ROW_ORDER = [
@@ -89,8 +93,8 @@ ROW_ORDER = [
     "pseudo_masks",
     "paper",
     "paper_classifier_gated",
-    "weakseg_ungated",
     "weakseg",
+    "weakseg_classifier_gated",
     "fully_supervised",
 ]
 
