@@ -293,8 +293,10 @@ def _write_figures(folder: Path, shown: Sequence[TestTile], has_truth: bool, par
         image, probability = record.image, record.probability
         # What the figures show is what the metrics score: pseudo-masks gated by the label (the segmenter's
         # reference), CAM and pseudo-mask errors gated by the classifier's decision.
-        pseudo_reference = record.pseudo if record.tile.positive else np.zeros_like(record.pseudo)
         decided = record.classifier_probability >= classifier_threshold
+        pseudo_reference, cam_mask, pseudo = gate(
+            [record.pseudo, record.cam_mask, record.pseudo], [record.tile.positive, decided, decided]
+        )
         row = [image, pseudo_reference]
         if record.truth is not None:
             row.append(record.truth)
@@ -308,7 +310,6 @@ def _write_figures(folder: Path, shown: Sequence[TestTile], has_truth: bool, par
         reference = record.truth if record.truth is not None else pseudo_reference
         errors = [image, reference, record.prediction, figures.error_map(record.prediction, reference)]
         if has_truth:
-            cam_mask, pseudo = gate([record.cam_mask, record.pseudo], [decided, decided])
             errors += [figures.error_map(cam_mask, reference), figures.error_map(pseudo, reference)]
         error_rows.append(errors)
         certainty = figures.uncertainty(probability)

@@ -86,7 +86,7 @@ def test_a_resumed_benchmark_runs_only_what_is_missing(tmp_path: Path, monkeypat
 
     def fake_run(project: Path, params: dict[str, Any]) -> dict[str, Any]:
         ran.append(params["segmenter"]["targets"])
-        return {"seconds": 1.0, "stage_seconds": {"evaluate": 1.0}, "metrics": _evaluate_json(0.5, 0.4)}
+        return {"stage_seconds": {"evaluate": 1.0}, "metrics": _evaluate_json(0.5, 0.4)}
 
     monkeypatch.setattr(bench_quality, "run_one", fake_run)
     runs: dict[str, Any] = {
