@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PARAMS ?=
 
-.PHONY: venv repro test bench bench-quality clean-venv
+.PHONY: venv repro lint test bench bench-quality clean-venv
 
 venv: $(STAMP)
 
@@ -25,7 +25,13 @@ repro: venv
 	@test -d .git || (git init -q && echo "initialized a git repository (DVC needs one)")
 	dvc repro
 
-test: venv
+# Lint, format check and type check of the library and the stages; make test runs it first.
+lint: venv
+	$(PYTHON) -m ruff check weakseg stages
+	$(PYTHON) -m ruff format --check weakseg stages
+	$(PYTHON) -m mypy weakseg stages
+
+test: venv lint
 	$(PYTHON) -m pytest -q
 
 # Speed benchmarks (results/benchmarks.*), then the quality benchmark (results/quality.*, README table).

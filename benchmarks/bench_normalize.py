@@ -135,8 +135,8 @@ def run(tiles: int = 240, repeats: int = 3, workers: int = 0, library_tiles: int
     from threadpoolctl import threadpool_limits
     from torchstain.numpy.normalizers.macenko import NumpyMacenkoNormalizer
 
-    from stages.normalize import _Job, process_tiles
     from weakseg.io import write_png
+    from weakseg.normalization import NormalizeJob, process_tiles
     from weakseg.params import NormalizeParams
     from weakseg.stain import fit_stain_reference, normalize_tile
 
@@ -164,7 +164,7 @@ def run(tiles: int = 240, repeats: int = 3, workers: int = 0, library_tiles: int
             write_png(root / "raw" / names[-1], image)
         for sub in ("images", "tissue"):
             (root / "out" / sub).mkdir(parents=True)
-        job = _Job(root / "raw", root / "out", reference, config)
+        job = NormalizeJob(root / "raw", root / "out", reference, config)
         with threadpool_limits(1):
             serial, serial_cpu = median_times(lambda: process_tiles(names, job, 1), repeats)
         parallel, parallel_cpu = median_times(lambda: process_tiles(names, job, pool_size), repeats)

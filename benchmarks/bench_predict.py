@@ -3,7 +3,7 @@
 Three numbers, each the median of ``repeats`` timed runs after one warm-up:
 
 - ``bare_tiles_per_second``: the segmenter's forward pass alone, on a ready normalized batch on the device;
-- ``inference_tiles_per_second``: :func:`weakseg.inference.predict_images` on uint8 tiles in memory
+- ``inference_tiles_per_second``: :func:`weakseg.sliding_window.predict_images` on uint8 tiles in memory
   (conversion, transfer, forward, probabilities back on the host), and its ratio to the bare forward
   (target >= 0.8);
 - ``command_tiles_per_second``: the whole ``predict`` command on a folder of PNG tiles (decoding, tissue
@@ -27,10 +27,12 @@ import numpy as np
 import torch
 
 from weakseg import predict
-from weakseg.inference import Preprocessing, make_forward, predict_images, to_input_tensor
+from weakseg.distributed import select_device
+from weakseg.inference import Preprocessing, make_forward, to_input_tensor
 from weakseg.io import write_png
 from weakseg.models import build_segmenter, save_checkpoint
-from weakseg.training.common import preprocessing_record, select_device
+from weakseg.sliding_window import predict_images
+from weakseg.training.common import preprocessing_record
 
 
 def _median_seconds(work: Callable[[], None], repeats: int, device: torch.device) -> float:

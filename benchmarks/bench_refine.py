@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
 
-from stages.refine_masks import TileJob, refine_all, worker_count
 from weakseg.io import write_png
+from weakseg.parallel import resolve_workers
+from weakseg.pseudo_masks import TileJob, refine_all
 from weakseg.refine import RefineSettings
 
 MHIST_TILES = 3152
@@ -107,7 +108,7 @@ def run(tiles: int = 256, size: int = 224, repeats: int = 3, workers: int = 0) -
         Seconds per run, per-tile milliseconds, speed-up, and the projected time for 3,152 tiles.
     """
     settings = RefineSettings()
-    pool = worker_count(workers)
+    pool = resolve_workers(workers)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-refine-") as folder:
         jobs = make_jobs(Path(folder), tiles, size)

@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from weakseg.distributed import select_device
 from weakseg.models import build_classifier
 from weakseg.params import AugmentParams, ClassifierParams
 from weakseg.training import classifier as loop
+from weakseg.training import classifier_data
 from weakseg.training.augment import build_augmentation
-from weakseg.training.common import configure_determinism, seed_everything, select_device
+from weakseg.training.common import configure_determinism, seed_everything
 from weakseg.training.datasets import TileDataset
 
 
@@ -71,8 +73,8 @@ def run(
     model = build_classifier(arch, "none").to(target)
     loss_function = loop.build_loss(params)
     optimizer = loop.build_optimizer(model, params)
-    steps = loop.steps_per_epoch(tiles, batch_size)
-    images_per_epoch = steps * batch_size if loop.train_drops_last(tiles, batch_size) else tiles
+    steps = classifier_data.steps_per_epoch(tiles, batch_size)
+    images_per_epoch = steps * batch_size if classifier_data.train_drops_last(tiles, batch_size) else tiles
     model.train()
 
     batch = torch.randn(batch_size, 3, tile_size, tile_size, device=target)
@@ -92,7 +94,7 @@ def run(
         return steps * batch_size / (time.perf_counter() - started)
 
     def loop_rate(epoch: int) -> float:
-        loader = loop.build_train_loader(dataset, batch_size, 0, epoch, num_workers, target.type == "cuda")
+        loader = classifier_data.build_train_loader(dataset, batch_size, 0, epoch, num_workers, target.type == "cuda")
         _synchronize(target)
         started = time.perf_counter()
         loop.train_one_epoch(model, loader, loss_function, optimizer, None, target, mixed_precision, "benchmark")
@@ -101,7 +103,7 @@ def run(
 
     def loader_rate(epoch: int) -> float:
         started = time.perf_counter()
-        for _ in loop.build_train_loader(dataset, batch_size, 0, epoch, num_workers, False):
+        for _ in classifier_data.build_train_loader(dataset, batch_size, 0, epoch, num_workers, False):
             pass
         return images_per_epoch / (time.perf_counter() - started)
 

@@ -25,7 +25,8 @@ from weakseg.params import AugmentParams, SegmenterParams
 from weakseg.training.augment import build_augmentation
 from weakseg.training.common import seed_everything
 from weakseg.training.datasets import TileDataset
-from weakseg.training.segmenter import batch_loader, train_one_epoch, training_batches
+from weakseg.training.segmenter import train_one_epoch
+from weakseg.training.segmenter_data import batch_loader, training_batches
 
 
 def _synthetic_arrays(tiles: int, tile_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

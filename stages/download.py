@@ -28,7 +28,7 @@ def contact_sheet(root: Path, tiles: list[Tile], has_masks: bool, path: Path, so
     by_name = sorted(tiles, key=lambda tile: tile.name)
     positives = [tile for tile in by_name if tile.positive][:CONTACT_SHEET_TILES]
     negatives = [tile for tile in by_name if not tile.positive][:CONTACT_SHEET_TILES]
-    for positive, negative in zip(positives, negatives):
+    for positive, negative in zip(positives, negatives, strict=False):
         row = []
         for tile in (positive, negative):
             image = read_rgb(root / "images" / tile.name)

@@ -9,30 +9,28 @@ them with :func:`weakseg.io.read_pseudo_mask`), ``metrics/pseudo_masks.json`` an
 A negative train tile's pseudo-mask is empty (its label says so; its CAM is not read). Test tiles are
 refined whatever their label, since the pipeline does not know it at test time: ``evaluate`` gates them by
 the classifier's decision (and, for the ``_oracle_label`` rows and the pseudo-mask reference, by the label).
+The work is :mod:`weakseg.pseudo_masks`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import multiprocessing.context
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
-from weakseg.data.layout import PARTITIONS, Tile, pick_figure_tiles, read_annotations
-from weakseg.errors import UserInputError
-from weakseg.figures import heatmap, overlay_mask, save_figure
-from weakseg.io import atomic_directory, pseudo_mask_pixels, read_gray, read_mask, read_rgb, write_json, write_png
-from weakseg.metrics import PixelCounts, tile_iou
-from weakseg.params import RefineParams, StageParams
-from weakseg.refine import CrfSettings, RefinementSteps, RefineSettings, foreground_fraction, refine_pseudo_mask
+from weakseg.data.layout import pick_figure_tiles, read_annotations
+from weakseg.io import atomic_directory, write_json
+from weakseg.parallel import resolve_workers
+from weakseg.params import StageParams
+from weakseg.pseudo_masks import (
+    STEPS,
+    RefineStageError,
+    contact_sheet,
+    flat_metrics,
+    refine_all,
+    settings_from_params,
+    summarize,
+    tile_jobs,
+)
 from weakseg.stage import run_stage
 from weakseg.tracking import stage_run
 
@@ -43,289 +41,8 @@ TRUTH = Path("data/raw/masks")
 PSEUDO_MASKS = Path("data/pseudo_masks")
 METRICS = Path("metrics/pseudo_masks.json")
 FIGURES = Path("figures/refine_masks")
-STEPS = ("threshold", "morphology", "crf")
 
 logger = logging.getLogger(STAGE)
-
-
-class RefineStageError(UserInputError):
-    """Raised when the stage's inputs do not fit together."""
-
-
-def settings_from_params(refine: RefineParams) -> RefineSettings:
-    """The ``refine`` params block as the plain settings :func:`refine_pseudo_mask` takes."""
-    crf = refine.crf
-    crf_settings = (
-        CrfSettings(
-            iterations=crf.iterations,
-            unary=crf.unary,
-            hard_confidence=crf.hard_confidence,
-            gaussian_sxy=crf.gaussian.sxy,
-            gaussian_compat=crf.gaussian.compat,
-            bilateral_sxy=crf.bilateral.sxy,
-            bilateral_srgb=crf.bilateral.srgb,
-            bilateral_compat=crf.bilateral.compat,
-        )
-        if crf.enabled
-        else None
-    )
-    return RefineSettings(
-        threshold_quantile=refine.threshold_quantile,
-        restrict_to_tissue=refine.restrict_to_tissue,
-        opening_kernel=refine.opening_kernel,
-        closing_kernel=refine.closing_kernel,
-        min_object_size=refine.min_object_size,
-        crf=crf_settings,
-        background_quantile=refine.background_quantile,
-    )
-
-
-@dataclass(frozen=True)
-class TileJob:
-    """What a worker needs for one tile: paths only, so little crosses process boundaries."""
-
-    name: str
-    positive: bool
-    refine: bool  # False: an empty pseudo-mask without reading the CAM (a negative train tile)
-    image: Path
-    tissue: Path
-    cam: Path
-    truth: Path | None
-    output: Path
-
-
-@dataclass
-class TileResult:
-    """What a worker reports for one tile (the mask itself is already on disk)."""
-
-    name: str
-    positive: bool
-    foreground_fraction: float
-    tissue_fraction: float
-    ignored_fraction: float = 0.0  # the ignored share of the tissue (refine.background_quantile)
-    # Per step: (true_positive, false_positive, false_negative, true_negative), and the tile IoU.
-    counts: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
-    iou: dict[str, float] = field(default_factory=dict)
-
-
-def load_tile(job: TileJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reads one tile's CAM, normalized image and tissue mask, checking that their sizes agree."""
-    cam = read_gray(job.cam)
-    image = read_rgb(job.image)
-    tissue = read_mask(job.tissue)
-    if image.shape[:2] != cam.shape or tissue.shape != cam.shape:
-        raise RefineStageError(
-            f"{job.cam}: CAM size {cam.shape} differs from {job.image} {image.shape[:2]} or {job.tissue} "
-            f"{tissue.shape}; re-run generate_cams"
-        )
-    return cam, image, tissue
-
-
-def refine_tile(job: TileJob, settings: RefineSettings) -> TileResult:
-    """Refines one tile, writes its pseudo-mask, and scores each step against the truth where it exists."""
-    if not job.refine:
-        tissue = read_mask(job.tissue)
-        write_png(job.output, np.zeros(tissue.shape, dtype=bool))
-        return TileResult(name=job.name, positive=job.positive, foreground_fraction=0.0, tissue_fraction=0.0)
-    cam, image, tissue = load_tile(job)
-    steps = refine_pseudo_mask(cam, image, tissue, True, settings)
-    write_png(job.output, pseudo_mask_pixels(steps.refined, steps.ignore))
-    result = TileResult(
-        name=job.name,
-        positive=job.positive,
-        foreground_fraction=foreground_fraction(steps.refined),
-        tissue_fraction=foreground_fraction(steps.refined, tissue),
-        ignored_fraction=foreground_fraction(steps.ignore, tissue),
-    )
-    if job.truth is not None and job.positive:
-        truth = read_mask(job.truth)
-        if truth.shape != cam.shape:
-            raise RefineStageError(f"{job.truth}: mask size {truth.shape} differs from the tile's {cam.shape}")
-        for step, mask in zip(STEPS, (steps.thresholded, steps.morphology, steps.refined), strict=True):
-            counts = PixelCounts().add(mask, truth)
-            result.counts[step] = (
-                counts.true_positive,
-                counts.false_positive,
-                counts.false_negative,
-                counts.true_negative,
-            )
-            result.iou[step] = tile_iou(mask, truth)
-    return result
-
-
-class _Refiner:
-    """A picklable ``job -> result`` callable for the process pool."""
-
-    def __init__(self, settings: RefineSettings) -> None:
-        self.settings = settings
-
-    def __call__(self, job: TileJob) -> TileResult:
-        return refine_tile(job, self.settings)
-
-
-def worker_count(requested: int) -> int:
-    """``refine.workers``: 0 means every core this process may use."""
-    if requested > 0:
-        return requested
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # not Linux
-        return max(os.cpu_count() or 1, 1)
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """``fork`` where the platform has it (workers start in milliseconds, not seconds), else ``spawn``."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
-def refine_all(
-    jobs: Sequence[TileJob], settings: RefineSettings, workers: int, progress: bool = True
-) -> list[TileResult]:
-    """Refines every tile, in a process pool when ``workers > 1``; results come back in ``jobs`` order.
-
-    Each tile is independent and deterministic, so the outputs do not depend on the worker count. Call it
-    before opening an MLflow run or any other threads' resources: the pool forks this process.
-    """
-    refiner = _Refiner(settings)
-    results: list[TileResult] = []
-    if workers <= 1 or len(jobs) <= 1:
-        for job in tqdm(jobs, desc="pseudo-masks", unit="tile", disable=not progress):
-            results.append(refiner(job))
-        return results
-    # Chunks amortize inter-process traffic while keeping the load balanced and the bar moving.
-    chunksize = max(1, min(32, len(jobs) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-        # map() submits every chunk, so the workers are forked before tqdm starts its monitor thread.
-        ordered = pool.map(refiner, jobs, chunksize=chunksize)
-        for result in tqdm(ordered, total=len(jobs), desc="pseudo-masks", unit="tile", disable=not progress):
-            results.append(result)
-    return results
-
-
-def _summary(values: Sequence[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "median": 0.0, "min": 0.0, "max": 0.0}
-    array = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(array.mean()),
-        "median": float(np.median(array)),
-        "min": float(array.min()),
-        "max": float(array.max()),
-    }
-
-
-def summarize(
-    results: Sequence[TileResult],
-    tiles: Sequence[Tile],
-    has_truth: bool,
-    steps: Sequence[str] = STEPS,
-    ignore_band: bool = False,
-) -> dict[str, Any]:
-    """``metrics/pseudo_masks.json``: coverage per partition and class, and per-step truth scores.
-
-    Truth scores are over positive tiles of each partition: pooled ``iou``/``dice`` (confusion counts
-    summed over pixels) and ``iou_positive_mean`` (mean per-tile IoU). Negative train tiles are empty by
-    construction; negative test tiles are refined like any test tile (``negative_nonempty_tiles`` counts
-    those with a mask, which ``evaluate`` then gates by the classifier's decision). ``steps`` names the
-    steps to report (``crf`` is left out when the CRF is off, as it would repeat ``morphology``).
-    With ``ignore_band`` (``refine.background_quantile`` set), ``coverage.positive_ignored_of_tissue``
-    summarises the ignored share of each positive tile's tissue, beside ``positive_of_tissue``. Truth scores
-    count ignored pixels as not foreground.
-    """
-    partition_of = {tile.name: tile.partition for tile in tiles}
-    report: dict[str, Any] = {"tiles": len(results), "has_truth": has_truth}
-    for partition in PARTITIONS:
-        members = [result for result in results if partition_of[result.name] == partition]
-        positives = [result for result in members if result.positive]
-        negatives = [result for result in members if not result.positive]
-        section: dict[str, Any] = {
-            "tiles": len(members),
-            "positive_tiles": len(positives),
-            "negative_tiles": len(negatives),
-            "coverage": {
-                "positive": _summary([result.foreground_fraction for result in positives]),
-                "positive_of_tissue": _summary([result.tissue_fraction for result in positives]),
-                "positive_empty_fraction": (
-                    float(np.mean([result.foreground_fraction == 0.0 for result in positives])) if positives else 0.0
-                ),
-                "negative_nonempty_tiles": int(sum(result.foreground_fraction > 0.0 for result in negatives)),
-            },
-        }
-        if ignore_band:
-            section["coverage"]["positive_ignored_of_tissue"] = _summary(
-                [result.ignored_fraction for result in positives]
-            )
-        scored = [result for result in positives if result.counts]
-        if has_truth and scored:
-            step_scores: dict[str, Any] = {}
-            for step in steps:
-                pooled = PixelCounts()
-                for result in scored:
-                    true_positive, false_positive, false_negative, true_negative = result.counts[step]
-                    pooled.true_positive += true_positive
-                    pooled.false_positive += false_positive
-                    pooled.false_negative += false_negative
-                    pooled.true_negative += true_negative
-                step_scores[step] = {
-                    "iou": pooled.iou,
-                    "dice": pooled.dice,
-                    "iou_positive_mean": float(np.mean([result.iou[step] for result in scored])),
-                }
-            section["vs_truth"] = {"positive_tiles": len(scored), **step_scores}
-        report[partition] = section
-    return report
-
-
-def contact_sheet(
-    path: Path,
-    jobs: Sequence[TileJob],
-    settings: RefineSettings,
-    load: Callable[[TileJob], tuple[np.ndarray, np.ndarray, np.ndarray]] = load_tile,
-) -> None:
-    """Tile, CAM, thresholded CAM, after morphology, pseudo-mask (and truth) for a few tiles."""
-    with_truth = any(job.truth is not None for job in jobs)
-    rows: list[list[np.ndarray]] = []
-    titles: list[str] = []
-    for job in jobs:
-        cam, image, tissue = load(job)
-        steps: RefinementSteps = refine_pseudo_mask(cam, image, tissue, job.refine, settings)
-        row = [
-            image,
-            heatmap(cam.astype(np.float64) / 255.0),
-            overlay_mask(image, steps.thresholded, colour=(255, 255, 0)),
-            overlay_mask(image, steps.morphology, colour=(255, 128, 0)),
-            overlay_mask(image, steps.refined),
-        ]
-        if settings.background_quantile is not None:
-            row[-1] = overlay_mask(row[-1], steps.ignore, colour=(128, 128, 128))
-        if with_truth:
-            truth = read_mask(job.truth) if job.truth is not None else np.zeros(cam.shape, dtype=bool)
-            row.append(overlay_mask(image, truth, colour=(0, 128, 255)))
-        rows.append(row)
-        titles.append(f"{Path(job.name).stem} ({'positive' if job.positive else 'negative'})")
-    columns = ["tile", "CAM", "thresholded", "morphology", "pseudo-mask (CRF)" if settings.crf else "pseudo-mask"]
-    if settings.background_quantile is not None:
-        columns[-1] = "pseudo-mask (grey: ignored)"
-    if with_truth:
-        columns.append("truth")
-    save_figure(path, rows, column_titles=columns, row_titles=titles, title="refine_masks: CAM -> pseudo-mask")
-
-
-def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for partition in PARTITIONS:
-        section = report.get(partition, {})
-        flat[f"{partition}.coverage_positive_mean"] = section.get("coverage", {}).get("positive", {}).get("mean", 0.0)
-        ignored = section.get("coverage", {}).get("positive_ignored_of_tissue")
-        if ignored is not None:
-            flat[f"{partition}.coverage_ignored_of_tissue_mean"] = ignored["mean"]
-        for step in STEPS:
-            scores = section.get("vs_truth", {}).get(step)
-            if scores:
-                for key, value in scores.items():
-                    flat[f"{partition}.vs_truth.{step}.{key}"] = value
-    return flat
 
 
 def run(params: StageParams) -> None:
@@ -337,21 +54,9 @@ def run(params: StageParams) -> None:
     for folder in (CAMS, NORMALIZED / "images", NORMALIZED / "tissue"):
         if not folder.is_dir():
             raise RefineStageError(f"{folder}: folder not found (run the stages before refine_masks)")
-    workers = worker_count(refine.workers)
+    workers = resolve_workers(refine.workers)
     with atomic_directory(PSEUDO_MASKS) as output:
-        jobs = [
-            TileJob(
-                name=tile.name,
-                positive=tile.positive,
-                refine=tile.positive or tile.partition == "test",
-                image=NORMALIZED / "images" / tile.name,
-                tissue=NORMALIZED / "tissue" / tile.name,
-                cam=CAMS / tile.name,
-                truth=(TRUTH / tile.name) if has_truth else None,
-                output=output / tile.name,
-            )
-            for tile in tiles
-        ]
+        jobs = tile_jobs(tiles, NORMALIZED, CAMS, TRUTH if has_truth else None, output)
         # Before MLflow opens its database: the pool forks this process.
         results = refine_all(jobs, settings, workers)
     report = summarize(
@@ -368,7 +73,7 @@ def run(params: StageParams) -> None:
         if figure_jobs:
             contact_sheet(figures / "contact_sheet.png", figure_jobs, settings)
     with stage_run(STAGE, params.to_flat_dict()) as tracker:
-        tracker.log_metrics({**_flat_metrics(report), "workers": workers}, prefix="pseudo.")
+        tracker.log_metrics({**flat_metrics(report), "workers": workers}, prefix="pseudo.")
         tracker.log_artifact(METRICS)
         tracker.log_artifact(FIGURES / "contact_sheet.png", folder="figures")
     logger.info("wrote %d pseudo-masks to %s with %d worker(s)", len(results), PSEUDO_MASKS, workers)

@@ -19,25 +19,17 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from weakseg.data.layout import partition, read_annotations, split_train_validation
-from weakseg.errors import UserInputError
+from weakseg.data.layout import read_annotations
+from weakseg.distributed import DistributedContext, StageRelaunch, run_distributed_stage
 from weakseg.io import write_json
 from weakseg.models import build_segmenter, save_checkpoint
 from weakseg.params import StageParams
 from weakseg.stage import run_stage
 from weakseg.tracking import stage_run
-from weakseg.training.common import (
-    configure_determinism,
-    preprocessing_record,
-    write_history,
-)
-from weakseg.training.datasets import load_masks, load_pseudo_masks, load_tiles
-from weakseg.training.distributed import DistributedContext, run_training_stage
-from weakseg.training.segmenter import SegmenterData, train_segmenter
+from weakseg.training.common import configure_determinism, preprocessing_record, write_history
+from weakseg.training.segmenter import log_summary, segmenter_metrics, train_segmenter
+from weakseg.training.segmenter_data import SegmenterInputError, load_segmenter_splits, segmenter_splits
 
 STAGE = "train_segmenter"
 NORMALIZED = Path("data/normalized")
@@ -48,10 +40,6 @@ METRICS = Path("metrics/segmenter.json")
 HISTORY = Path("metrics/segmenter_history.csv")
 
 logger = logging.getLogger(__name__)
-
-
-class SegmenterInputError(UserInputError):
-    """Raised when the segmenter's inputs do not fit together."""
 
 
 def target_masks_folder(targets: str) -> Path:
@@ -70,22 +58,6 @@ def target_masks_folder(targets: str) -> Path:
     return TRUE_MASKS
 
 
-def _load_split(tiles: list[Any], description: str, masks_folder: Path) -> SegmenterData:
-    images = load_tiles(NORMALIZED / "images", tiles, f"loading {description} tiles")
-    if masks_folder == PSEUDO_MASKS:
-        # 0/1 targets, and 255 where the pseudo-mask's band is ignored (refine.background_quantile).
-        masks = load_pseudo_masks(masks_folder, tiles, f"loading {description} pseudo-masks")
-    else:
-        masks = load_masks(masks_folder, tiles, f"loading {description} true masks")
-    for tile, image, mask in zip(tiles, images, masks, strict=True):
-        if mask.shape != image.shape[:2]:
-            raise SegmenterInputError(
-                f"{masks_folder / tile.name}: mask is {mask.shape[1]}x{mask.shape[0]}, "
-                f"its tile is {image.shape[1]}x{image.shape[0]}"
-            )
-    return SegmenterData(images=images, masks=masks, positives=np.array([tile.positive for tile in tiles]))
-
-
 def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
     """Trains the segmenter and writes its checkpoint, metrics and history.
 
@@ -96,15 +68,14 @@ def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
     """
     settings = params.segmenter
     target_masks_folder(settings.targets)  # a dataset without truth fails here, before any process starts
-    run_training_stage(
-        f"stages.{STAGE}",
+    run_distributed_stage(
         "segmenter",
-        settings.distributed.processes_per_node,
-        settings.distributed.backend,
         settings.device,
-        settings.batch_size,
-        stage_arguments,
         functools.partial(_train, params),
+        relaunch=StageRelaunch(
+            f"stages.{STAGE}", settings.distributed.processes_per_node, settings.batch_size, stage_arguments
+        ),
+        backend=settings.distributed.backend,
     )
 
 
@@ -117,62 +88,31 @@ def _train(params: StageParams, context: DistributedContext) -> None:
     masks_folder = target_masks_folder(segmenter.targets)
 
     tiles = read_annotations(NORMALIZED / "annotations.csv", positive_label)
-    try:
-        train_tiles, validation_tiles = split_train_validation(
-            partition(tiles, "train"), params.split.validation_fraction, params.split.seed
-        )
-    except ValueError as error:
-        raise SegmenterInputError(
-            f"{NORMALIZED / 'annotations.csv'}: {error} (see split.validation_fraction)"
-        ) from None
-    if not any(tile.positive for tile in train_tiles):
-        raise SegmenterInputError(
-            f"{NORMALIZED / 'annotations.csv'}: no {positive_label!r} tile in the training split; "
-            f"the segmenter has no pseudo-mask to learn from"
-        )
-    negative_labels = sorted({tile.label for tile in tiles if not tile.positive})
-    train = _load_split(train_tiles, "train", masks_folder)
-    validation = _load_split(validation_tiles, "validation", masks_folder)
-    tile_size = int(train.images.shape[1])
-    if validation.images.shape[1:3] != train.images.shape[1:3]:
-        raise SegmenterInputError(
-            f"{NORMALIZED / 'images'}: validation tiles are {validation.images.shape[1:3]}, "
-            f"train tiles {train.images.shape[1:3]}; training needs one tile size"
-        )
-    logger.info(
-        "training on %d tiles (%d positive), validating on %d, %d px, device %s",
-        len(train_tiles), int(train.positives.sum()), len(validation_tiles), tile_size, device,
+    train_tiles, validation_tiles = segmenter_splits(
+        tiles, params.split.validation_fraction, params.split.seed, NORMALIZED / "annotations.csv", positive_label
     )
+    negative_labels = sorted({tile.label for tile in tiles if not tile.positive})
+    train, validation, tile_size = load_segmenter_splits(
+        NORMALIZED / "images", masks_folder, train_tiles, validation_tiles, masks_folder == PSEUDO_MASKS
+    )
+    counts = (len(train_tiles), int(train.positives.sum()), len(validation_tiles))
+    logger.info("training on %d tiles (%d positive), validating on %d, %d px, device %s", *counts, tile_size, device)
 
     # Only rank 0 opens the MLflow run and writes files; the other ranks train and reduce with it.
     tracked = stage_run(STAGE, params.to_flat_dict()) if context.is_main else contextlib.nullcontext(None)
     with tracked as tracking:
-
-        def log_epoch(row: dict[str, Any]) -> None:
-            tracking.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
-
         result = train_segmenter(
             train,
             validation,
             segmenter,
             params.seed,
             device,
-            on_epoch=log_epoch if tracking is not None else None,
+            on_epoch=tracking.log_epoch if tracking is not None else None,
             context=context,
         )
         if tracking is None:
             return
-        metrics: dict[str, Any] = {
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "early_stopped_at_epoch": result.stopped_early_at,
-            "train_tiles": len(train_tiles),
-            "validation_tiles": len(validation_tiles),
-            "tile_size": tile_size,
-            "targets": segmenter.targets,
-            **result.best_metrics,
-            "val_head": result.head.record(),
-        }
+        metrics = segmenter_metrics(result, segmenter, len(train_tiles), len(validation_tiles), tile_size)
         best_model = build_segmenter(segmenter.encoder, "none")
         best_model.load_state_dict(result.best_state_dict)
         save_checkpoint(
@@ -194,18 +134,7 @@ def _train(params: StageParams, context: DistributedContext) -> None:
         tracking.log_metrics({"best_epoch": result.best_epoch, "val_head": result.head.record()})
         tracking.log_artifact(HISTORY)
         tracking.log_artifact(METRICS)
-    logger.info(
-        "best epoch %d: validation IoU %.4f, Dice %.4f (against the %s masks)",
-        result.best_epoch, result.best_metrics["val_iou"], result.best_metrics["val_dice"],
-        "true" if params.segmenter.targets == "truth" else "pseudo",
-    )
-    head = result.head
-    (logger.warning if head.reason else logger.info)(
-        "head tile threshold %.4f (validation AUC %.3f, balanced accuracy %.3f, sensitivity %.3f, "
-        "specificity %.3f)%s",
-        head.threshold, head.metrics["auc"], head.metrics["balanced_accuracy"], head.metrics["sensitivity"],
-        head.metrics["specificity"], f"; {head.reason}" if head.reason else "",
-    )
+    log_summary(logger, result, params.segmenter.targets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from weakseg.flatten import flatten
+
 PIPELINE_MD = Path(__file__).resolve().parents[1].parent / "shared" / "PIPELINE.md"
 FALLBACK_NAMES = """
 classifier.{accuracy, balanced_accuracy, auc, sensitivity, specificity}
@@ -46,18 +48,6 @@ def contract_names(pipeline_md: Path = PIPELINE_MD) -> list[str]:
 def evaluate_metric_names(pipeline_md: Path = PIPELINE_MD) -> list[str]:
     """Every name ``metrics/evaluate.json`` must hold on a dataset with pixel truth."""
     return contract_names(pipeline_md) + expand_names(ORACLE_LABEL_NAMES)
-
-
-def flatten(document: Mapping[str, object], prefix: str = "") -> dict[str, object]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: every leaf under its dotted path."""
-    flat: dict[str, object] = {}
-    for key, value in document.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
 
 
 def missing_metrics(document: Mapping[str, object], names: Iterable[str]) -> list[str]:

@@ -195,30 +195,12 @@ def test_generate_cams_refuses_a_classifier_of_another_label(
     assert not (tmp_path / "data/cams").exists()
 
 
-def test_cams_skip_negative_train_tiles_but_the_figures_one() -> None:
-    from stages.generate_cams import tiles_needing_cams
-
-    tiles = [
-        Tile("p.png", "SSA", "train", True),
-        Tile("n2.png", "HP", "train", False),
-        Tile("n1.png", "HP", "train", False),  # first negative train tile by name: refine_masks' figure shows it
-        Tile("t_neg.png", "HP", "test", False),
-        Tile("t_pos.png", "SSA", "test", True),
-    ]
-    assert [tile.name for tile in tiles_needing_cams(tiles, negative_train_tiles=False)] == [
-        "p.png",
-        "n1.png",
-        "t_neg.png",
-        "t_pos.png",
-    ]
-    assert tiles_needing_cams(tiles, negative_train_tiles=True) == tiles
-
-
 def test_generate_cams_asks_every_tile_for_the_positive_class(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
 ) -> None:
     """Test tiles' labels are unknown at test time: their CAMs show the positive class whatever the label."""
     from stages import generate_cams
+    from weakseg import cam_batches
 
     monkeypatch.chdir(tmp_path)
     tiles = _write_tiny_project(tmp_path)
@@ -226,12 +208,12 @@ def test_generate_cams_asks_every_tile_for_the_positive_class(
     write_png(tmp_path / "data/normalized/images/d.png", np.zeros((STAGE_SIZE, STAGE_SIZE, 3), dtype=np.uint8))
     write_annotations(tmp_path / "data/normalized/annotations.csv", tiles)
     asked: list[bool] = []
-    real = generate_cams.compute_cams
+    real = cam_batches.compute_cams
 
     def recording(model, images, positives, **options):  # type: ignore[no-untyped-def]
         asked.extend(positives)
         return real(model, images, positives, **options)
 
-    monkeypatch.setattr(generate_cams, "compute_cams", recording)
+    monkeypatch.setattr(cam_batches, "compute_cams", recording)
     assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
     assert len(asked) == 4 and all(asked)

@@ -33,10 +33,10 @@ import torch.distributed as torch_distributed
 import torch.multiprocessing as torch_multiprocessing
 from torch.utils.data import DataLoader
 
+from weakseg import distributed
+from weakseg.distributed import DistributedContext, launch
 from weakseg.params import CurriculumParams
-from weakseg.training import distributed
 from weakseg.training.curriculum import epoch_indices
-from weakseg.training.distributed import DistributedContext
 
 # The stages, the segmenter loop and the other test modules are imported inside the tests that use them:
 # the collectives test's worker processes import this module, and those imports (segmentation models)
@@ -100,7 +100,7 @@ def test_sampler_shares_are_disjoint_equal_and_rebuild_the_one_process_batches(d
 
 
 def test_curriculum_batches_split_each_one_process_batch_over_the_ranks() -> None:
-    from weakseg.training.segmenter import distributed_training_batches, training_batches
+    from weakseg.training.segmenter_data import distributed_training_batches, training_batches
 
     positives = np.array([True, False] * 20)
     curriculum = CurriculumParams(positive_only_epochs=1, final_negative_probability=0.5)
@@ -323,7 +323,7 @@ def test_a_batch_size_the_processes_cannot_split_is_refused_before_launching(
     def no_launch(*args: Any, **kwargs: Any) -> int:
         raise AssertionError("the stage launched processes for an impossible batch split")
 
-    monkeypatch.setattr(distributed, "relaunch", no_launch)
+    monkeypatch.setattr(launch, "relaunch", no_launch)
     segmenter_tests._write_project(
         tmp_path,
         {**segmenter_tests.TINY_SEGMENTER, "batch_size": 3, "distributed": {"processes_per_node": 2}},
@@ -346,7 +346,7 @@ def test_a_failed_launch_is_reported_as_a_stage_error(
         launched.append((module, processes, list(arguments)))
         return 1
 
-    monkeypatch.setattr(distributed, "relaunch", failing_launch)
+    monkeypatch.setattr(launch, "relaunch", failing_launch)
     classifier_tests.make_dataset(tmp_path / "data" / "normalized")
     classifier_tests.write_params(tmp_path, {"distributed": {"processes_per_node": 2}})
     monkeypatch.chdir(tmp_path)
@@ -356,7 +356,7 @@ def test_a_failed_launch_is_reported_as_a_stage_error(
 
 
 def test_batch_plan_from_headers_matches_the_decoded_batches(tmp_path: Path) -> None:
-    from stages import generate_cams
+    from weakseg import cam_batches
     from weakseg.data.layout import Tile
     from weakseg.io import write_png
 
@@ -365,8 +365,8 @@ def test_batch_plan_from_headers_matches_the_decoded_batches(tmp_path: Path) -> 
     for index, size in enumerate(sizes):
         write_png(tmp_path / f"t{index}.png", np.full((size, size, 3), index, dtype=np.uint8))
         tiles.append(Tile(f"t{index}.png", "SSA", "train", True))
-    decoded = [[tile.name for tile in batch] for batch, _ in generate_cams._same_size_batches(tiles, tmp_path, 3)]
-    planned = [[tiles[index].name for index in batch] for batch in generate_cams.batch_plan(tiles, tmp_path, 3)]
+    decoded = [[tile.name for tile in batch] for batch, _ in cam_batches.same_size_batches(tiles, tmp_path, 3)]
+    planned = [[tiles[index].name for index in batch] for batch in cam_batches.batch_plan(tiles, tmp_path, 3)]
     assert planned == decoded
     assert [len(batch) for batch in planned] == [3, 2, 3, 2]
 
@@ -385,9 +385,9 @@ def _simulate_rank(monkeypatch: pytest.MonkeyPatch, module: Any, rank: int, rela
             return [None, value]
         return [value, relay.pop(0)]
 
-    monkeypatch.setattr(module, "launched_by_torchrun", lambda: True)
-    monkeypatch.setattr(module, "init_distributed", lambda *args: DistributedContext(rank=rank, world_size=2))
-    monkeypatch.setattr(module, "leaving_process_group", lambda context: contextlib.nullcontext(context))
+    monkeypatch.setattr(launch, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(launch, "init_distributed", lambda *args: DistributedContext(rank=rank, world_size=2))
+    monkeypatch.setattr(launch, "leaving_process_group", lambda context: contextlib.nullcontext(context))
     monkeypatch.setattr(module, "gather_objects", gather)
 
 

@@ -1,4 +1,4 @@
-"""The evaluate stage end to end on a tiny hand-made test partition, and its metric bookkeeping."""
+"""The evaluate stage end to end on a tiny hand-made test partition (its metric rows: test_evaluation.py)."""
 
 from __future__ import annotations
 
@@ -207,78 +207,6 @@ def test_evaluate_refuses_a_model_of_another_positive_label(
     assert not Path("metrics/evaluate.json").exists()
 
 
-def _record(positive: bool, area: int, head: float, classifier: float) -> evaluate.TestTile:
-    prediction = np.zeros((10, 10), dtype=bool)
-    prediction.flat[:area] = True
-    label = "SSA" if positive else "HP"
-    return evaluate.TestTile(
-        tile=Tile(f"{label}{area}.png", label, "test", positive),
-        prediction=prediction,
-        pseudo=prediction.copy(),
-        cam_mask=prediction.copy(),
-        tissue=np.ones((10, 10), dtype=bool),
-        truth=None,
-        classifier_probability=classifier,
-        head_probability=head,
-    )
-
-
-def test_tile_decisions_from_area_and_head_have_known_answers() -> None:
-    # Positives with 30 and 5 predicted pixels, negatives with 0 and 11: "above 10 px" calls 30 and 11.
-    records = [_record(True, 30, 0.9, 0.8), _record(True, 5, 0.2, 0.7), _record(False, 0, 0.1, 0.6), _record(False, 11, 0.6, 0.1)]
-    result = evaluate.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=False)
-    area = result["segmenter_tile"]["area"]
-    assert (area["sensitivity"], area["specificity"], area["accuracy"]) == (0.5, 0.5, 0.5)
-    assert area["auc"] == pytest.approx(0.75)  # pairs: 30>0, 30>11, 5>0, 5<11
-    head = result["segmenter_tile"]["head"]
-    assert (head["sensitivity"], head["specificity"]) == (0.5, 0.5)
-    classifier = result["classifier"]
-    assert (classifier["sensitivity"], classifier["specificity"], classifier["auc"]) == (1.0, 0.5, 1.0)
-    # The pseudo-mask reference is gated by the label: the 11 px predicted on the negative tile are false
-    # positives even where that tile's (ungated) refined mask holds them; the positives match exactly.
-    assert result["segmenter"]["vs_pseudo"]["iou"] == pytest.approx(35 / (35 + 11))
-    # The trivial baseline paints all tissue (100 px) on the classifier's positives, the first three tiles:
-    # it covers the 30 + 5 px of the label-gated pseudo-masks (the negative fourth tile's reference is
-    # empty), so IoU = 35 / 300.
-    baseline = result["baseline"]["tissue_if_classified_positive"]["vs_pseudo"]
-    assert baseline["iou"] == pytest.approx(35 / 300)
-
-
-def test_figure_selection_is_seeded_and_balanced() -> None:
-    tiles = [Tile(f"t{i:02d}.png", "SSA" if i % 3 == 0 else "HP", "test", i % 3 == 0) for i in range(30)]
-    first = evaluate.figure_selection(tiles, 4, seed=3)
-    assert first == evaluate.figure_selection(list(reversed(tiles)), 4, seed=3)
-    assert [tile.positive for tile in first] == [True] * 4 + [False] * 4
-    assert first != evaluate.figure_selection(tiles, 4, seed=4)
-    assert len(evaluate.figure_selection(tiles[:2], 4, seed=0)) == 2  # fewer tiles than asked: all of them
-
-
-def test_head_decisions_use_the_checkpoint_threshold() -> None:
-    # Head probabilities 0.9 and 0.2 on positives, 0.1 and 0.6 on negatives: 0.5 calls the 0.6 negative
-    # positive; the stored 0.65 does not.
-    empty = np.zeros((10, 10), dtype=bool)
-    records = [
-        evaluate.TestTile(
-            tile=Tile(f"t{index}.png", "SSA" if positive else "HP", "test", positive),
-            prediction=empty,
-            pseudo=empty,
-            cam_mask=empty,
-            tissue=~empty,
-            truth=None,
-            classifier_probability=classifier,
-            head_probability=head,
-        )
-        for index, (positive, head, classifier) in enumerate(
-            [(True, 0.9, 0.8), (True, 0.2, 0.7), (False, 0.1, 0.6), (False, 0.6, 0.1)]
-        )
-    ]
-    head = evaluate.compute_metrics(records, 0.5, 10, has_truth=False, head_threshold=0.65)["segmenter_tile"]["head"]
-    assert (head["sensitivity"], head["specificity"], head["threshold"]) == (0.5, 1.0, 0.65)
-    # The classifier keeps evaluate.threshold.
-    classifier = evaluate.compute_metrics(records, 0.5, 10, has_truth=False, head_threshold=0.65)["classifier"]
-    assert classifier["specificity"] == 0.5
-
-
 def test_stage_reads_the_head_threshold_from_the_segmenter_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
 ) -> None:
@@ -291,46 +219,6 @@ def test_stage_reads_the_head_threshold_from_the_segmenter_checkpoint(
     result = json.loads(Path("metrics/evaluate.json").read_text())
     assert result["segmenter_tile"]["head"]["threshold"] == 0.73
     assert result["settings"]["threshold"] == 0.5
-
-
-def _gated_record(name: str, positive: bool, truth: np.ndarray, cam_mask: np.ndarray, classifier_probability: float):  # type: ignore[no-untyped-def]
-    return evaluate.TestTile(
-        tile=Tile(name, "SSA" if positive else "HP", "test", positive),
-        prediction=truth.copy(),
-        pseudo=cam_mask.copy(),
-        cam_mask=cam_mask,
-        tissue=np.ones((TILE, TILE), dtype=bool),
-        truth=truth,
-        classifier_probability=classifier_probability,
-        head_probability=0.5,
-    )
-
-
-def test_cam_and_pseudo_rows_are_gated_by_the_classifier_not_the_label() -> None:
-    empty = np.zeros((TILE, TILE), dtype=bool)
-    lesion = _square(4)
-    false_alarm = _square(10)
-    records = [
-        _gated_record("p.png", True, lesion, lesion, 0.9),
-        # A negative tile whose CAM lights up and which the classifier calls positive: a false positive the
-        # pipeline would output at test time, so the fair rows must count it.
-        _gated_record("n1.png", False, empty, false_alarm, 0.8),
-        # Called negative by the classifier: gated out, its CAM costs nothing.
-        _gated_record("n2.png", False, empty, false_alarm, 0.2),
-    ]
-    result = evaluate.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True)
-    lesion_pixels = int(lesion.sum())
-    expected = lesion_pixels / (lesion_pixels + int(false_alarm.sum()))
-    for row in ("cam", "pseudo"):
-        assert result[row]["vs_truth"]["iou"] == pytest.approx(expected)
-        assert result[f"{row}_oracle_label"]["vs_truth"]["iou"] == 1.0
-    assert result["tiles"]["classified_positive"] == 2
-    # The tissue baselines: the classifier's two positive calls, or the one truly positive tile.
-    tissue = TILE * TILE
-    assert result["baseline"]["tissue_if_classified_positive"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / (2 * tissue))
-    assert result["baseline"]["tissue_if_label_positive_oracle_label"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / tissue)
-    # The segmenter's pseudo-mask reference is gated by the label: the negative tiles' masks are empty.
-    assert result["segmenter"]["vs_pseudo"]["iou"] == 1.0
 
 
 def test_the_classifier_gate_empties_the_segmenter_mask_of_tiles_called_negative(
@@ -374,28 +262,6 @@ def _store_classifier(root: Path, decision_threshold: float, probability: float 
     torch.save({**payload, "decision_threshold": decision_threshold}, path)
 
 
-def test_classifier_decisions_and_gates_use_the_classifier_threshold() -> None:
-    empty = np.zeros((TILE, TILE), dtype=bool)
-    lesion = _square(4)
-    # Classifier probability 0.7: positive at the pixel threshold 0.5, negative at the stored 0.8.
-    records = [
-        _gated_record("p.png", True, lesion, lesion, 0.7),
-        _gated_record("n.png", False, empty, _square(10), 0.2),
-    ]
-    result = evaluate.compute_metrics(
-        records, threshold=0.5, min_foreground_pixels=10, has_truth=True, classifier_threshold=0.8
-    )
-    assert result["classifier"]["threshold"] == 0.8
-    assert (result["classifier"]["sensitivity"], result["tiles"]["classified_positive"]) == (0.0, 0)
-    for row in ("cam", "pseudo"):  # gated out: nothing predicted
-        assert result[row]["vs_truth"]["iou"] == 0.0
-        assert result[f"{row}_oracle_label"]["vs_truth"]["iou"] == 1.0
-    assert result["segmenter_classifier_gated"]["vs_truth"]["iou"] == 0.0
-    # Without a classifier threshold, evaluate.threshold decides (as before).
-    default = evaluate.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True)
-    assert (default["classifier"]["threshold"], default["tiles"]["classified_positive"]) == (0.5, 1)
-
-
 def test_stage_gates_by_the_classifier_checkpoint_threshold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
 ) -> None:
@@ -434,3 +300,15 @@ def test_the_pseudo_masks_ignored_band_is_not_foreground(
     assert run_stage("evaluate", evaluate.run, argv=[]) == 0
     result = json.loads(Path("metrics/evaluate.json").read_text())
     assert result["pseudo_oracle_label"]["vs_truth"]["iou"] == 1.0
+
+
+def test_a_mask_of_another_size_than_its_tile_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fake_tracking: _FakeRun
+) -> None:
+    _build_project(tmp_path, with_truth=False)
+    write_png(tmp_path / "data/cams/test_1.png", np.zeros((TILE // 2, TILE), dtype=np.uint8))
+    monkeypatch.chdir(tmp_path)
+    assert run_stage("evaluate", evaluate.run, argv=[]) == 2
+    expected = f"data/cams/test_1.png: size {TILE}x{TILE // 2} differs from its tile's {TILE}x{TILE}"
+    assert expected in capsys.readouterr().err
+    assert not Path("metrics/evaluate.json").exists()

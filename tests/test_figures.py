@@ -88,3 +88,15 @@ def test_save_figure_writes_the_same_bytes_twice(tmp_path: Path, rng: np.random.
 def test_save_figure_refuses_an_empty_grid(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one image"):
         figures.save_figure(tmp_path / "x.png", [])
+
+
+def test_save_roc_figure_writes_the_same_bytes_twice(tmp_path: Path) -> None:
+    points = [{"fpr": 0.0, "tpr": 0.0}, {"fpr": 0.25, "tpr": 0.75}, {"fpr": 1.0, "tpr": 1.0}]
+    curves = [("classifier", points, 0.8), ("segmenter head", points[::2], 0.5)]
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    figures.save_roc_figure(first, curves)
+    figures.save_roc_figure(second, curves)
+    assert first.read_bytes() == second.read_bytes()
+    with Image.open(first) as saved:
+        assert saved.size == (450, 450)  # 4.5 in at 100 dpi
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -56,3 +56,18 @@ def test_a_pixel_cannot_be_both_foreground_and_ignored() -> None:
     foreground, _ = _labels()
     with pytest.raises(ValueError, match="both foreground and ignored"):
         pseudo_mask_pixels(foreground, foreground)
+
+
+def test_write_csv_formats_floats_and_writes_atomically(tmp_path: Path) -> None:
+    from weakseg.io import write_csv
+
+    path = tmp_path / "sub" / "rows.csv"
+    rows = [{"a": 1, "b": 0.1234567891, "c": "x,y"}, {"a": 2, "b": np.float64(1e-7), "c": None}]
+    write_csv(path, rows, ["a", "b", "c"])
+    assert path.read_bytes() == b'a,b,c\n1,0.123457,"x,y"\n2,1e-07,\n'
+    assert not list(path.parent.glob(".*.tmp"))
+    write_csv(path, [], ["a"])  # no rows: the header alone
+    assert path.read_bytes() == b"a\n"
+    with pytest.raises(ValueError):
+        write_csv(path, [{"z": 1}], ["a"])
+    assert path.read_bytes() == b"a\n"  # a failed write leaves the previous file

@@ -15,7 +15,8 @@ from tests.conftest import PROJECT_ROOT
 from tests.test_stain import STAINS_A, STAINS_POISON, concentration_fields, render, unit
 from weakseg.io import read_json, read_mask, read_rgb, write_png
 from weakseg.stage import EXIT_USER_ERROR, run_stage
-from weakseg.stain import load_normalize_settings, load_stain_reference, tissue_mask
+from weakseg.stain import load_normalize_settings, load_stain_reference
+from weakseg.tissue import tissue_mask
 
 TILE = 48
 

@@ -1,4 +1,4 @@
-"""Tests of the params.yaml schema (weakseg/params.py) and of how a stage reacts to bad params."""
+"""Tests of the params.yaml schema (weakseg/params/) and of how a stage reacts to bad params."""
 
 from __future__ import annotations
 
@@ -139,9 +139,16 @@ def test_frozen_epochs_after_full_epoch_is_refused_naming_the_key() -> None:
     parse_params(_classifier(25, 8, 7, enabled=False))
 
 
+def test_size_bounds_out_of_order_are_refused_naming_the_key() -> None:
+    raw = _project_params()
+    raw["segmenter"]["loss"] = {**raw["segmenter"].get("loss", {}), "size_lower": 0.8, "size_upper": 0.5}
+    with pytest.raises(ParamsError, match=r"segmenter\.loss\.size_lower: must be <= segmenter\.loss\.size_upper"):
+        parse_params(raw, "params.yaml")
+
+
 def test_paper_preset_trains_every_group_well_before_the_end() -> None:
     """With the paper preset's schedule the stem and layer1 train in the last epochs, not never."""
-    from weakseg.training.classifier import ALL_GROUPS, STEM_GROUP, trainable_groups
+    from weakseg.training.unfreezing import ALL_GROUPS, STEM_GROUP, trainable_groups
 
     classifier = load_params(PROJECT_ROOT / "presets" / "paper-mhist.yaml").classifier
     assert classifier.unfreeze.enabled

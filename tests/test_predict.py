@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from weakseg import predict
+from weakseg import predict, tile_preparation
 from weakseg.io import read_gray, read_mask, read_rgb, write_png
 from weakseg.models import build_classifier, build_segmenter, save_checkpoint
-from weakseg.stain import StainReference, StainReferenceError, save_stain_reference
+from weakseg.stain import StainReference, save_stain_reference
 from weakseg.training.common import preprocessing_record
 
 TILE = 64
 LOGIT = 3.0  # the constant model's pixel logit: p = sigmoid(3) ~ 0.953, stored as 243 in the 8-bit map
 PURPLE = np.array([150, 80, 160], dtype=np.uint8)
 DEFAULT_SETTINGS = {
-    "tissue": predict.default_normalization().tissue,
-    "min_tissue_fraction": predict.default_normalization().min_tissue_fraction,
+    "tissue": tile_preparation.default_normalization().tissue,
+    "min_tissue_fraction": tile_preparation.default_normalization().min_tissue_fraction,
 }
 
 
@@ -142,15 +142,6 @@ def test_bad_options_exit_2_naming_the_option(
     assert named in capsys.readouterr().err
 
 
-def test_input_folder_problems_are_user_errors(tmp_path: Path) -> None:
-    with pytest.raises(predict.PredictInputError, match="nothing-here"):
-        predict.list_images(tmp_path / "nothing-here")
-    (tmp_path / "x.png").write_bytes(b"")
-    (tmp_path / "x.jpg").write_bytes(b"")
-    with pytest.raises(predict.PredictInputError, match="collide"):
-        predict.list_images(tmp_path)
-
-
 # ----------------------------------------------------------------- tiles prepared as normalize did
 NON_DEFAULT_TISSUE = {
     "threshold_min": 0.3,
@@ -191,24 +182,24 @@ def normalized_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_predict_prepares_tiles_exactly_as_the_normalize_stage_did(normalized_project: Path) -> None:
     normalized = normalized_project / "data/normalized"
-    recorded = predict.load_normalization(normalized / "stain_reference.json")
+    recorded = tile_preparation.load_normalization(normalized / "stain_reference.json")
     assert recorded.min_tissue_fraction == NON_DEFAULT_MIN_TISSUE_FRACTION
     assert {key: recorded.tissue[key] for key in NON_DEFAULT_TISSUE} == NON_DEFAULT_TISSUE
     # What predict used before: the reference, but the default tissue settings and min_tissue_fraction.
-    defaults = predict.default_normalization()
-    with_defaults = predict.TileNormalization(recorded.reference, defaults.tissue, defaults.min_tissue_fraction, "defaults")
+    defaults = tile_preparation.default_normalization()
+    with_defaults = tile_preparation.TileNormalization(recorded.reference, defaults.tissue, defaults.min_tissue_fraction, "defaults")
     passed_through = 0
     for index in range(4):
         name = f"train_{index}.png"
         raw = read_rgb(normalized_project / "data/raw/images" / name)
-        prepared = predict.prepare_image(raw, name, recorded)
+        prepared = tile_preparation.prepare_image(raw, name, recorded)
         stage_tile = read_rgb(normalized / "images" / name)
         stage_mask = read_mask(normalized / "tissue" / name)
         assert prepared.normalized.dtype == stage_tile.dtype and np.array_equal(prepared.normalized, stage_tile), name
         assert prepared.tissue is not None and np.array_equal(prepared.tissue, stage_mask), name
         passed_through += int(not prepared.stain_normalized)
         # The settings matter: the default ones would give another mask on every tile.
-        old = predict.prepare_image(raw, name, with_defaults)
+        old = tile_preparation.prepare_image(raw, name, with_defaults)
         assert not np.array_equal(old.tissue, stage_mask), name
         if index == 0:  # ... and would have normalized the tile the recorded 0.4 passes through
             assert old.stain_normalized and not prepared.stain_normalized
@@ -232,20 +223,6 @@ def test_the_command_uses_the_recorded_tissue_settings(normalized_project: Path,
         # The constant model is above 0.5 everywhere, so the mask is the tissue mask.
         assert np.array_equal(read_mask(output / "masks" / name), stage_mask)
     assert rows["train_0.png"]["stain_normalized"] == "0"
-
-
-def test_reference_without_tissue_settings_is_refused_naming_the_file(tmp_path: Path) -> None:
-    reference = StainReference(np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]), np.array([1.9, 1.0]))
-    save_stain_reference(tmp_path / "bare.json", reference)
-    with pytest.raises(StainReferenceError, match=r"bare\.json.*tissue"):
-        predict.load_normalization(tmp_path / "bare.json")
-    save_stain_reference(tmp_path / "odd.json", reference, settings={**DEFAULT_SETTINGS, "tissue": {"min_object_size": 4}})
-    with pytest.raises(StainReferenceError, match=r"odd\.json.*threshold_min"):
-        predict.load_normalization(tmp_path / "odd.json")
-    bad_values = {**DEFAULT_SETTINGS, "tissue": {**DEFAULT_SETTINGS["tissue"], "threshold_min": 0.5, "threshold_max": 0.2}}
-    save_stain_reference(tmp_path / "bad.json", reference, settings=bad_values)
-    with pytest.raises(StainReferenceError, match=r"bad\.json.*threshold_max"):
-        predict.load_normalization(tmp_path / "bad.json")
 
 
 # ------------------------------------------------------------------------- head tile threshold
@@ -290,17 +267,9 @@ def test_head_tile_decision_uses_the_checkpoint_threshold(
     assert not any("calibrated.pt" in record.getMessage() for record in caplog.records)
 
 
-def test_gate_empties_the_mask_of_a_tile_decided_negative() -> None:
-    from weakseg.inference import ImagePrediction
-
-    probability = np.full((8, 8), 0.9, dtype=np.float32)
-    doubtful = ImagePrediction(probability, {"head": 0.7}, 1)
-    assert predict.summarize(doubtful, None, 0.5, head_threshold=0.9).mask.all()  # no gate: the mask stays
-    gated = predict.summarize(doubtful, None, 0.5, head_threshold=0.9, gate=True)
-    assert not gated.mask.any() and not gated.tile_positive
-    sure = ImagePrediction(probability, {"head": 0.95, "classifier": 0.6}, 1)
-    assert predict.summarize(sure, None, 0.5, head_threshold=0.99, gate=True).mask.all()  # the classifier decides
+def test_gate_option_is_parsed() -> None:
     assert predict.parse_options(["--input", "a", "--output", "b", "--gate"]).gate
+    assert not predict.parse_options(["--input", "a", "--output", "b"]).gate
 
 
 # -------------------------------------------------------------------- classifier decision threshold
@@ -330,13 +299,3 @@ def test_classifier_tile_decision_uses_its_checkpoint_threshold(
     assert float(row["tile_probability"]) == pytest.approx(0.7, abs=1e-4)
     # 0.7 is above --threshold (0.5, the pixels') but below the stored 0.8: negative, and the gate empties the mask.
     assert (row["tile_threshold"], row["tile_positive"], row["predicted_area_pixels"]) == ("0.800000", "0", "0")
-
-
-def test_summarize_decides_the_classifier_tile_at_its_own_threshold() -> None:
-    from weakseg.inference import ImagePrediction
-
-    prediction = ImagePrediction(np.full((8, 8), 0.9, dtype=np.float32), {"head": 0.95, "classifier": 0.7}, 1)
-    result = predict.summarize(prediction, None, 0.5, head_threshold=0.5, gate=True, classifier_threshold=0.8)
-    assert (result.tile_threshold, result.tile_positive, bool(result.mask.any())) == (0.8, False, False)
-    kept = predict.summarize(prediction, None, 0.5, head_threshold=0.99, gate=True, classifier_threshold=0.6)
-    assert kept.tile_positive and kept.mask.all()

@@ -210,7 +210,7 @@ def test_stage_on_real_tiles(
 
 
 def test_figure_tiles_prefer_train_positives_then_one_negative() -> None:
-    from stages.refine_masks import pick_figure_tiles
+    from weakseg.data.layout import pick_figure_tiles
 
     tiles = [Tile(f"p{index}.png", "SSA", "train", True) for index in range(9)]
     tiles += [

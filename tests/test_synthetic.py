@@ -7,19 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import normalize
 from weakseg.data import synthetic
 from weakseg.data.layout import Tile, read_annotations
 from weakseg.data.synthetic import generate_dataset, render_tile
 from weakseg.io import read_mask, read_rgb
+from weakseg.normalization import choose_fit_tiles
 from weakseg.params import NormalizeParams, SyntheticSourceParams
-from weakseg.stain import (
-    colour_features,
-    colour_separability_auc,
-    fit_stain_reference,
-    mean_optical_density,
-    normalize_tile,
-)
+from weakseg.stain import fit_stain_reference, normalize_tile
+from weakseg.tissue import colour_features, colour_separability_auc, mean_optical_density
 
 
 def _small(**overrides: object) -> SyntheticSourceParams:
@@ -153,7 +148,7 @@ def test_colour_only_auc_of_the_demo_before_and_after_normalization() -> None:
         for index in np.flatnonzero(~test)
     }
     tiles = [Tile(name, "SSA" if label else "HP", "train", label) for name, (_, label) in train.items()]
-    fit_on = normalize.choose_fit_tiles(tiles, config.fit_tiles, config.seed)
+    fit_on = choose_fit_tiles(tiles, config.fit_tiles, config.seed, Path("annotations.csv"))
     reference = fit_stain_reference(
         [train[tile.name][0] for tile in fit_on],
         background_intensity=config.background_intensity,

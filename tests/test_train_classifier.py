@@ -1,4 +1,4 @@
-"""The train_classifier stage and its loop: schedule, freezing, data order, outputs, MLflow, determinism."""
+"""The train_classifier stage and its loop: freezing, selection, divergence, balance, outputs, MLflow, determinism."""
 
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ from stages import train_classifier as stage
 from weakseg import models
 from weakseg.data.layout import Tile, read_annotations, partition, split_train_validation, write_annotations
 from weakseg.io import write_png
+from weakseg.losses.classification import positive_weight
 from weakseg.metrics import choose_balanced_accuracy_threshold, classification_scores
 from weakseg.params import AugmentParams, ClassifierParams, Params, UnfreezeParams
+from weakseg.preprocessing import images_to_tensor
 from weakseg.stage import run_stage
 from weakseg.training import classifier as loop
 from weakseg.training import datasets
 from weakseg.training.augment import build_augmentation
-from weakseg.training.common import images_to_tensor
+from weakseg.training.classifier_data import build_train_loader
 from weakseg.training.datasets import TileDataset
-from weakseg.training.distributed import DistributedContext
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TILE = 32
@@ -111,47 +112,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     yield {"folder": folder, "status": status, "uri": uri, "decoded": decoded}
 
 
-# ----------------------------------------------------------------------------------- the schedule
-SCHEDULE = UnfreezeParams(frozen_epochs=5, full_epoch=25, enabled=True)
-EVERYTHING = {"stem", "layer1", "layer2", "layer3", "layer4", "fc"}
-
-
-@pytest.mark.parametrize(
-    ("epoch", "expected"),
-    [
-        (0, {"fc"}),
-        (4, {"fc"}),
-        (5, {"fc", "layer4"}),
-        (11, {"fc", "layer4"}),
-        (12, {"fc", "layer4", "layer3"}),
-        (18, {"fc", "layer4", "layer3"}),
-        (19, {"fc", "layer4", "layer3", "layer2"}),
-        (24, {"fc", "layer4", "layer3", "layer2"}),
-        (25, EVERYTHING),
-        (40, EVERYTHING),
-    ],
-)
-def test_trainable_groups_follow_the_schedule(epoch: int, expected: set[str]) -> None:
-    assert loop.trainable_groups(epoch, SCHEDULE) == expected
-
-
-def test_disabled_schedule_and_immediate_full_epoch_train_everything() -> None:
-    assert loop.trainable_groups(0, UnfreezeParams(enabled=False)) == EVERYTHING
-    assert loop.trainable_groups(3, UnfreezeParams(frozen_epochs=3, full_epoch=3, enabled=True)) == EVERYTHING
-    assert loop.trainable_groups(2, UnfreezeParams(frozen_epochs=3, full_epoch=3, enabled=True)) == {"fc"}
-
-
-def test_requires_grad_follows_the_groups_of_each_epoch() -> None:
-    model = models.build_classifier("resnet18", "none")
-    for epoch, expected in [(0, {"fc"}), (5, {"fc", "layer4"}), (19, EVERYTHING - {"stem", "layer1"}), (25, EVERYTHING)]:
-        loop.apply_trainable_groups(model, loop.trainable_groups(epoch, SCHEDULE))
-        trainable = {loop.parameter_group(name) for name, p in model.named_parameters() if p.requires_grad}
-        frozen = {loop.parameter_group(name) for name, p in model.named_parameters() if not p.requires_grad}
-        assert trainable == expected, epoch
-        assert frozen == EVERYTHING - expected, epoch
-    assert model.conv1.weight.requires_grad and model.bn1.weight.requires_grad
-
-
 def _in_memory_datasets(count: int = 12) -> tuple[TileDataset, TileDataset]:
     rng = np.random.default_rng(3)
     labels = [index % 3 == 0 for index in range(count)]
@@ -191,29 +151,7 @@ def test_frozen_layers_and_their_batch_norm_statistics_do_not_change() -> None:
         assert changed(after_full, after_layer4, prefix), prefix
 
 
-# ---------------------------------------------------------------------------------- data and loop
-def _first_batch(dataset: TileDataset, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = next(iter(loop.build_train_loader(dataset, 4, seed, epoch)))
-    return images, labels
-
-
-def test_loader_order_and_augmentation_repeat_per_seed_and_epoch_and_vary_across_epochs() -> None:
-    first, _ = _in_memory_datasets()
-    second, _ = _in_memory_datasets()
-    images_a, labels_a = _first_batch(first, seed=7, epoch=2)
-    images_b, labels_b = _first_batch(second, seed=7, epoch=2)
-    assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
-    images_c, _ = _first_batch(first, seed=7, epoch=3)
-    assert not torch.equal(images_a, images_c)
-
-
-def test_drop_last_avoids_single_tile_batches() -> None:
-    assert loop.steps_per_epoch(9, 4) == 2 and loop.train_drops_last(9, 4)
-    assert loop.steps_per_epoch(3, 4) == 1 and not loop.train_drops_last(3, 4)
-    with pytest.raises(ValueError):
-        loop.steps_per_epoch(0, 4)
-
-
+# -------------------------------------------------------------------------------- selection and loop
 @pytest.mark.parametrize(
     ("metric", "candidate", "best", "expected"),
     [("loss", 0.4, 0.5, True), ("loss", 0.6, 0.5, False), ("auc", 0.6, 0.5, True), ("accuracy", 0.5, 0.5, False),
@@ -242,11 +180,6 @@ def test_a_nan_first_epoch_does_not_block_the_best_later_one(monkeypatch: pytest
     assert (result.best_epoch, result.best_scores["auc"]) == (1, 0.6)
 
 
-def test_majority_class_rate() -> None:
-    assert loop.majority_class_rate([True, False, False, False]) == pytest.approx(0.75)
-    assert loop.majority_class_rate([True, True, False]) == pytest.approx(2 / 3)
-
-
 def test_divergence_is_a_user_error_naming_the_learning_rate() -> None:
     train_set, _ = _in_memory_datasets()
     model = models.build_classifier("resnet18", "none")
@@ -259,7 +192,7 @@ def test_divergence_is_a_user_error_naming_the_learning_rate() -> None:
     optimizer = loop.build_optimizer(model, params)
     with pytest.raises(loop.TrainingDivergedError, match="classifier.lr"):
         loop.train_one_epoch(
-            model, loop.build_train_loader(train_set, 4, 0, 0), NanLoss(), optimizer, None, torch.device("cpu")
+            model, build_train_loader(train_set, 4, 0, 0), NanLoss(), optimizer, None, torch.device("cpu")
         )
 
 
@@ -412,51 +345,14 @@ def test_two_runs_give_identical_checkpoint_bytes(
         assert (first / output).read_bytes() == (second / output).read_bytes(), output
 
 
-# ------------------------------------------------------------------------- class balance and threshold
-def _imbalanced_labels(positives: int = 200, negatives: int = 20) -> list[bool]:
-    """10:1 positives to negatives, interleaved."""
-    labels = [True] * positives + [False] * negatives
-    return [labels[index] for index in np.random.default_rng(0).permutation(len(labels))]
-
-
-def test_balanced_sampler_draws_balanced_epochs_reproducibly_and_differently_per_epoch() -> None:
-    labels = _imbalanced_labels()
-    order = loop.class_balanced_order(labels, seed=5, epoch=0)
-    assert len(order) == len(labels)  # the epoch keeps the split's length, so the schedule's step count
-    negatives = sum(not labels[index] for index in order)
-    assert 0.4 < negatives / len(order) < 0.6  # ~half, against 1/11 in a shuffled epoch
-    assert loop.class_balanced_order(labels, seed=5, epoch=0) == order
-    assert loop.class_balanced_order(labels, seed=5, epoch=1) != order
-    assert loop.class_balanced_order(labels, seed=6, epoch=0) != order
-
-
-def test_balanced_loader_serves_the_draw_and_ranks_share_it_like_the_shuffled_order() -> None:
-    rng = np.random.default_rng(1)
-    labels = _imbalanced_labels(20, 2)
-    images = np.stack([_tile_image(rng, positive) for positive in labels])
-    dataset = TileDataset(images, labels)
-    served = torch.cat([batch[1] for batch in loop.build_train_loader(dataset, 4, 3, 2, balanced=True)])
-    order = loop.class_balanced_order(labels, 3, 2)
-    assert served.tolist() == [float(labels[index]) for index in order[: len(order) // 4 * 4]]
-    assert int((served == 0).sum()) >= 5  # a shuffled epoch holds the 2 negatives at most
-    # Two ranks: the strided shares of the same draw, put together, are the one-process global batches.
-    shares = []
-    for rank in range(2):
-        context = DistributedContext(rank=rank, world_size=2)
-        loader = loop.build_train_loader(dataset, 4, 3, 2, context=context, balanced=True)
-        shares.append([index for batch in loader.batch_sampler for index in batch])
-    assert len(shares[0]) == len(shares[1])
-    assert [index for pair in zip(*shares) for index in pair] == order[: len(order) // 4 * 4]
-
-
+# ----------------------------------------------------------------------------------------- class balance
 def test_weight_mode_bce_is_torchs_bce_with_the_split_ratio_as_pos_weight() -> None:
     labels = [True, True, False, False, False, False, False, False]  # 6 negatives / 2 positives
-    assert loop.positive_weight(labels) == pytest.approx(3.0)
-    assert loop.positive_weight([True, True]) is None
+    assert positive_weight(labels) == pytest.approx(3.0)
     logits = torch.tensor([2.0, -1.0, 0.5, -3.0, 1.5, 0.0, -0.5, 4.0])
     targets = torch.tensor(labels, dtype=torch.float32)
     params = ClassifierParams(balance="weight", bce_weight=1.0, focal_tversky_weight=0.0)
-    weighted = loop.build_loss(params, loop.positive_weight(labels))(logits, targets)
+    weighted = loop.build_loss(params, positive_weight(labels))(logits, targets)
     expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0))(logits, targets)
     assert float(weighted) == pytest.approx(float(expected), rel=1e-6)
     assert float(weighted) != pytest.approx(float(torch.nn.BCEWithLogitsLoss()(logits, targets)))
@@ -470,32 +366,6 @@ def test_weight_mode_trains_with_the_training_splits_ratio() -> None:
         models.build_classifier("resnet18", "none"), train_set, validation_set, params, 0, torch.device("cpu")
     )
     assert (result.balance, result.pos_weight) == ("weight", pytest.approx(2.0))
-
-
-class _Shifted(torch.nn.Module):
-    """A classifier that ranks tiles by brightness perfectly but calls every one positive at 0.5."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.mean(dim=(1, 2, 3))[:, None] + 3.0
-
-
-def test_decision_threshold_of_a_shifted_classifier_is_chosen_on_validation() -> None:
-    labels = [True, False, True, False, True, False]
-    images = np.stack([np.full((TILE, TILE, 3), 200 if positive else 100, dtype=np.uint8) for positive in labels])
-    validation = TileDataset(images, labels)
-    decision = loop.calibrate_decision(_Shifted(), validation, 4, torch.device("cpu"))
-    logits, _ = loop.predict_logits(_Shifted(), loop.build_eval_loader(validation, 4), torch.device("cpu"))
-    low, high = sorted(set(torch.sigmoid(logits).tolist()))
-    assert low > 0.5  # at 0.5 every tile is called positive: specificity 0
-    assert decision.threshold == pytest.approx((low + high) / 2) and decision.reason == ""
-    assert (decision.metrics["sensitivity"], decision.metrics["specificity"]) == (1.0, 1.0)
-    # A tile scoring between 0.5 and the chosen threshold is negative by it.
-    between = (0.5 + decision.threshold) / 2
-    assert classification_scores([False], [between], decision.threshold)["specificity"] == 1.0
-    # One class only: 0.5, with the reason.
-    one_class = loop.choose_decision(torch.ones(3), torch.tensor([0.1, 2.0, 3.0]))
-    assert one_class.threshold == 0.5 and "only positive" in one_class.reason
-    assert "threshold_reason" in one_class.record()
 
 
 def test_stage_stores_and_reports_the_validation_decision_threshold(trained: dict[str, Any]) -> None:

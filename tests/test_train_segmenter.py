@@ -22,8 +22,11 @@ from weakseg.metrics import PixelCounts
 from weakseg.params import AugmentParams, CurriculumParams, SegmenterParams, StageParams, declared_params
 from weakseg.stage import run_stage
 from weakseg.training import segmenter as loop
+from weakseg.training import segmenter_validation
 from weakseg.training.augment import build_augmentation
 from weakseg.training.datasets import TileDataset
+from weakseg.training.segmenter_data import SegmenterData, load_segmenter_split
+from weakseg.training.segmenter_validation import ValidationResult
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TILE = 32
@@ -195,10 +198,10 @@ def test_stage_reads_exactly_the_params_that_dvc_yaml_declares(project: Path, mo
     assert leaves == set(declared)
 
 
-def _tiny_data(count: int, seed: int) -> loop.SegmenterData:
+def _tiny_data(count: int, seed: int) -> SegmenterData:
     rng = np.random.default_rng(seed)
     pairs = [_tile_and_mask(rng, index % 2 == 0) for index in range(count)]
-    return loop.SegmenterData(
+    return SegmenterData(
         images=np.stack([image for image, _ in pairs]),
         masks=np.stack([mask for _, mask in pairs]),
         positives=np.array([index % 2 == 0 for index in range(count)]),
@@ -210,12 +213,12 @@ def test_best_checkpoint_and_early_stopping(monkeypatch: pytest.MonkeyPatch) -> 
     scripted_iou = iter([0.2, 0.6, 0.5, 0.6, 0.4, 0.9])
     weights_seen: list[torch.Tensor] = []
 
-    def fake_validate(model: torch.nn.Module, *args: object, **kwargs: object) -> loop.ValidationResult:
+    def fake_validate(model: torch.nn.Module, *args: object, **kwargs: object) -> ValidationResult:
         weights_seen.append(next(iter(model.state_dict().values())).detach().clone())
         iou = next(scripted_iou)
         # 100 pixels with `iou` of them true positives and the rest false positives.
         counts = PixelCounts(true_positive=int(round(iou * 100)), false_positive=100 - int(round(iou * 100)))
-        return loop.ValidationResult(counts=counts, loss_sum=1.0, tiles=1)
+        return ValidationResult(counts=counts, loss_sum=1.0, tiles=1)
 
     monkeypatch.setattr(loop, "validate", fake_validate)
     params = SegmenterParams(
@@ -231,13 +234,29 @@ def test_best_checkpoint_and_early_stopping(monkeypatch: pytest.MonkeyPatch) -> 
     assert not torch.equal(result.best_state_dict[first_key], weights_seen[3])
 
 
+def test_selection_by_loss_keeps_the_lowest_validation_loss_whatever_the_iou(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``selection_metric: loss`` (targets without validation foreground): IoU is ignored, the lowest loss wins."""
+    scripted = iter([(0.9, 3.0), (0.1, 1.0), (0.8, 2.0)])
+
+    def fake_validate(*args: object, **kwargs: object) -> ValidationResult:
+        iou, loss = next(scripted)
+        counts = PixelCounts(true_positive=int(round(iou * 100)), false_positive=100 - int(round(iou * 100)))
+        return ValidationResult(counts=counts, loss_sum=loss, tiles=1)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    params = SegmenterParams(**{**TINY_SEGMENTER, "epochs": 3, "batch_size": 2, "selection_metric": "loss"})
+    result = loop.train_segmenter(_tiny_data(4, 0), _tiny_data(2, 1), params, seed=0, device=torch.device("cpu"))
+    assert result.best_epoch == 2
+    assert result.best_metrics["val_loss"] == pytest.approx(1.0)
+
+
 def test_early_stopping_waits_for_the_positive_only_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
     scripted_iou = iter([0.5, 0.1, 0.1, 0.1, 0.1])
 
-    def fake_validate(*args: object, **kwargs: object) -> loop.ValidationResult:
+    def fake_validate(*args: object, **kwargs: object) -> ValidationResult:
         iou = next(scripted_iou)
         counts = PixelCounts(true_positive=int(iou * 100), false_positive=100 - int(iou * 100))
-        return loop.ValidationResult(counts=counts, loss_sum=1.0, tiles=1)
+        return ValidationResult(counts=counts, loss_sum=1.0, tiles=1)
 
     monkeypatch.setattr(loop, "validate", fake_validate)
     params = SegmenterParams(
@@ -271,39 +290,13 @@ def test_flipped_tile_carries_its_mask() -> None:
     assert moved > 0  # some seeds did transform the pair
 
 
-def test_training_batches_never_leave_a_single_tile() -> None:
-    assert [len(batch) for batch in loop.training_batches(np.arange(9), 4)] == [4, 5]
-    assert [len(batch) for batch in loop.training_batches(np.arange(8), 4)] == [4, 4]
-    assert loop.training_batches(np.arange(1), 4) == []
-
-
-class _ShiftedHead(torch.nn.Module):
-    """An uncalibrated head: logit 2 (p 0.881) on tiles without the dark blob, 4 (p 0.982) on tiles with it."""
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dark = (images[:, 0].flatten(1).min(dim=1).values < 0).float()  # normalized red below the mean
-        return torch.zeros(len(images), 1, *images.shape[2:]), (2.0 + 2.0 * dark)[:, None]
-
-
-def test_calibrate_head_moves_the_threshold_of_shifted_scores() -> None:
-    validation = _tiny_data(6, 2)
-    calibration = loop.calibrate_head(_ShiftedHead(), validation, batch_size=4, device=torch.device("cpu"))
-    low, high = 1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(-4.0))
-    assert calibration.threshold == pytest.approx((low + high) / 2, abs=1e-6)
-    assert calibration.reason == ""
-    assert calibration.metrics["balanced_accuracy"] == 1.0 and calibration.metrics["specificity"] == 1.0
-    # At 0.5 the same head would call every tile positive.
-    scores = loop.head_probabilities(_ShiftedHead(), validation.images, 4, torch.device("cpu"))
-    assert np.all(scores > 0.5) and calibration.record()["threshold"] == calibration.threshold
-
-
 def test_stage_stores_the_validation_head_threshold(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shifted head scores (0.8 negative, 0.95 positive tiles): the checkpoint holds their midpoint, not 0.5."""
 
     def shifted(model: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
         return np.array([0.95 if (image[..., 0] < 130).any() else 0.8 for image in images])
 
-    monkeypatch.setattr(loop, "head_probabilities", shifted)
+    monkeypatch.setattr(segmenter_validation, "head_probabilities", shifted)
     assert run_stage("train_segmenter", stage.run, argv=[]) == 0
     payload = torch.load(project / "models/segmenter.pt", map_location="cpu", weights_only=True)
     assert payload["head_threshold"] == pytest.approx(0.875)
@@ -372,40 +365,6 @@ def test_the_ignored_band_moves_with_its_pixels_under_augmentation(tmp_path: Pat
     assert moved > 0
 
 
-def test_load_split_reads_the_pseudo_masks_ignored_band(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from weakseg.io import pseudo_mask_pixels
-
-    monkeypatch.chdir(tmp_path)
-    foreground, ignore = _band_pseudo_mask(TILE)
-    write_png(Path("data/normalized/images/a.png"), np.zeros((TILE, TILE, 3), dtype=np.uint8))
-    write_png(Path("data/pseudo_masks/a.png"), pseudo_mask_pixels(foreground, ignore))
-    data = stage._load_split([Tile("a.png", "SSA", "train", True)], "train", stage.PSEUDO_MASKS)
-    expected = foreground.astype(np.uint8)
-    expected[ignore] = 255
-    np.testing.assert_array_equal(data.masks[0], expected)
-
-
-class _EverywhereLesion(torch.nn.Module):
-    """Calls every pixel foreground (logit 10) and every tile positive."""
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.full((len(images), 1, *images.shape[2:]), 10.0), torch.zeros(len(images), 1)
-
-
-def test_validation_counts_leave_ignored_pixels_out() -> None:
-    """Two 8 x 8 tiles, each 16 foreground, 16 ignored, 32 background pixels, all predicted foreground:
-    the ignored pixels are neither true nor false positives."""
-    masks = np.zeros((2, 8, 8), dtype=np.uint8)
-    masks[:, :2] = 1
-    masks[:, 2:4] = 255
-    dataset = TileDataset(np.zeros((2, 8, 8, 3), dtype=np.uint8), [True, True], masks, None)
-    loader = loop.batch_loader(dataset, [[0, 1]], num_workers=0)
-    loss = loop.SegmentationLoss(SegmenterParams(**TINY_SEGMENTER).loss)
-    result = loop.validate(_EverywhereLesion(), loader, loss, torch.device("cpu"), mixed_precision=False)
-    assert result.counts == PixelCounts(true_positive=32, false_positive=64, false_negative=0, true_negative=0)
-    assert result.counts.iou == pytest.approx(32 / 96)
-
-
 def test_truth_targets_without_true_masks_fail_before_training_naming_the_parameter(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -413,7 +372,7 @@ def test_truth_targets_without_true_masks_fail_before_training_naming_the_parame
     params["segmenter"] = {**params["segmenter"], "targets": "truth"}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     trained: list[bool] = []
-    monkeypatch.setattr(stage, "run_training_stage", lambda *args, **kwargs: trained.append(True))
+    monkeypatch.setattr(stage, "run_distributed_stage", lambda *args, **kwargs: trained.append(True))
     assert run_stage("train_segmenter", stage.run, argv=[]) == 2
     assert "segmenter.targets" in capsys.readouterr().err and not trained
 
@@ -426,5 +385,6 @@ def test_truth_targets_train_on_the_true_masks(project: Path, monkeypatch: pytes
     assert stage.target_masks_folder("truth") == stage.TRUE_MASKS
     annotations = read_annotations(project / "data/normalized/annotations.csv", "SSA")
     tiles = [tile for tile in annotations if tile.partition == "train"]
-    data = stage._load_split(tiles[:2], "train", stage.target_masks_folder("truth"))
+    truth = stage.target_masks_folder("truth")
+    data = load_segmenter_split(stage.NORMALIZED / "images", truth, tiles[:2], "train", pseudo_masks=False)
     assert data.masks.shape[1:] == data.images.shape[1:3]

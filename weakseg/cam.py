@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from weakseg.errors import UserInputError
-from weakseg.training.common import images_to_tensor
+from weakseg.preprocessing import images_to_tensor
 
 # Names in params.yaml -> torchcam extractor classes (imported lazily: torchcam is only needed here).
 CAM_METHODS = ("smoothgradcampp", "gradcam", "gradcampp", "scorecam", "layercam")
@@ -99,13 +99,8 @@ def images_to_model_input(images: np.ndarray, preprocessing: Mapping[str, Any] |
     """
     if not preprocessing or "mean" not in preprocessing or "std" not in preprocessing:
         return images_to_tensor(images)
-    batch = torch.from_numpy(np.ascontiguousarray(images))
-    if batch.ndim == 3:
-        batch = batch[None]
-    batch = batch.permute(0, 3, 1, 2).float().div_(float(preprocessing.get("scale", 255.0)))
-    mean = torch.tensor(list(preprocessing["mean"]), dtype=batch.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(list(preprocessing["std"]), dtype=batch.dtype).view(1, -1, 1, 1)
-    return batch.sub_(mean).div_(std)
+    scale = float(preprocessing.get("scale", 255.0))
+    return images_to_tensor(images, preprocessing["mean"], preprocessing["std"], scale)
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""Figures a person looks at: contact sheets, overlays, error maps and uncertainty maps.
+"""Figures a person looks at: contact sheets, overlays, error maps, uncertainty maps and ROC curves.
 
-Arrays in, arrays out (uint8 RGB); :func:`save_figure` writes a titled grid with matplotlib.
+Arrays in, arrays out (uint8 RGB); :func:`save_figure` writes a titled grid and :func:`save_roc_figure`
+ROC curves with matplotlib.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,9 @@ def heatmap(values: np.ndarray) -> np.ndarray:
     return (colormaps["jet"](values)[..., :3] * 255).round().astype(np.uint8)
 
 
-def overlay_mask(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0), alpha: float = 0.4) -> np.ndarray:
+def overlay_mask(
+    image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0), alpha: float = 0.4
+) -> np.ndarray:
     """Tints the foreground of ``mask`` on an RGB tile and draws its outline."""
     from skimage.segmentation import find_boundaries
 
@@ -115,5 +118,28 @@ def save_figure(
     figure.tight_layout()
     with atomic_path(path) as temporary:
         # Fixed metadata so that equal figures give equal bytes.
+        figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+
+
+def save_roc_figure(path: str | Path, curves: Sequence[tuple[str, Sequence[Mapping[str, float]], float]]) -> None:
+    """Writes ROC curves ``(name, points {"fpr", "tpr"}, AUC)``, with their AUCs, in one readable plot, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    for name, points, auc in curves:
+        axis.plot([p["fpr"] for p in points], [p["tpr"] for p in points], label=f"{name} (AUC {auc:.3f})")
+    axis.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
+    axis.set_xlabel("false positive rate (1 - specificity)")
+    axis.set_ylabel("true positive rate (sensitivity)")
+    axis.set_xlim(-0.01, 1.01)
+    axis.set_ylim(-0.01, 1.01)
+    axis.set_title("ROC on the test partition", fontsize=10)
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
     plt.close(figure)

@@ -1,4 +1,4 @@
-"""File I/O at the edges: images, JSON, and atomic writes.
+"""File I/O at the edges: images, JSON, CSV, and atomic writes.
 
 Every output is written to a temporary path beside its target and renamed into place, so a stage killed
 half-way never leaves a file or folder that looks complete.
@@ -7,11 +7,12 @@ half-way never leaves a file or folder that looks complete.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,23 @@ def write_json(path: str | Path, data: Any) -> None:
     """Writes JSON with sorted keys atomically (stable bytes for DVC)."""
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]) -> None:
+    """Writes rows as CSV with a header, atomically: ``\\n`` line ends, floats as ``%.6g`` (stable bytes).
+
+    Other values are written as :mod:`csv` writes them (``str``; ``None`` as an empty field).
+
+    Raises:
+        ValueError: if a row holds a key that is not in ``fieldnames``.
+    """
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fieldnames), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()}
+            )
 
 
 def read_json(path: str | Path) -> Any:

@@ -15,6 +15,10 @@ from typing import Any
 
 import numpy as np
 
+#: Per-tile labels, or scores: a sequence or a 1-D array (the functions read either through ``np.asarray``).
+Labels = Sequence[bool] | np.ndarray
+Scores = Sequence[float] | np.ndarray
+
 
 @dataclass
 class PixelCounts:
@@ -25,7 +29,7 @@ class PixelCounts:
     false_negative: int = 0
     true_negative: int = 0
 
-    def add(self, prediction: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> "PixelCounts":
+    def add(self, prediction: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) -> PixelCounts:
         """Adds one tile's pixels (boolean arrays of one shape), optionally only inside ``where``."""
         prediction, truth = _as_bool(prediction), _as_bool(truth)
         if prediction.shape != truth.shape:
@@ -82,7 +86,7 @@ def tile_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 def segmentation_scores(
     predictions: Iterable[np.ndarray],
     truths: Iterable[np.ndarray],
-    positives: Sequence[bool],
+    positives: Labels,
 ) -> dict[str, float]:
     """The pipeline's segmentation metrics over a set of tiles.
 
@@ -114,7 +118,7 @@ def segmentation_scores(
     }
 
 
-def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
+def roc_auc(labels: Labels, scores: Scores) -> float:
     """Area under the ROC curve (rank statistic, ties counted half); 0.5 when only one class is present.
 
     Equal to scikit-learn's ``roc_auc_score`` wherever that is defined (tested); kept because it is also
@@ -134,7 +138,7 @@ def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
     return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
 
 
-def roc_curve_points(labels: Sequence[bool], scores: Sequence[float]) -> list[dict[str, float]]:
+def roc_curve_points(labels: Labels, scores: Scores) -> list[dict[str, float]]:
     """ROC points ``{"fpr", "tpr", "threshold"}`` from the highest threshold down, for ``dvc plots``."""
     labels_array = np.asarray(labels, dtype=bool)
     scores_array = np.asarray(scores, dtype=np.float64)
@@ -159,7 +163,7 @@ def roc_curve_points(labels: Sequence[bool], scores: Sequence[float]) -> list[di
     return points
 
 
-def classification_scores(labels: Sequence[bool], scores: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
+def classification_scores(labels: Labels, scores: Scores, threshold: float = 0.5) -> dict[str, float]:
     """Tile-level metrics of a binary decision.
 
     Args:
@@ -186,7 +190,7 @@ def classification_scores(labels: Sequence[bool], scores: Sequence[float], thres
     }
 
 
-def confusion_rows(labels: Sequence[bool], predicted: Sequence[bool], names: tuple[str, str]) -> list[dict[str, str]]:
+def confusion_rows(labels: Labels, predicted: Labels, names: tuple[str, str]) -> list[dict[str, str]]:
     """One row per tile ``{"actual", "predicted"}`` with class names, the format of ``dvc plots`` confusion."""
     negative_name, positive_name = names
     return [
@@ -211,7 +215,7 @@ class ThresholdChoice:
 FALLBACK_THRESHOLD = 0.5
 
 
-def choose_balanced_accuracy_threshold(labels: Sequence[bool], scores: Sequence[float]) -> ThresholdChoice:
+def choose_balanced_accuracy_threshold(labels: Labels, scores: Scores) -> ThresholdChoice:
     """The threshold of highest balanced accuracy on ``(labels, scores)`` (e.g. a validation split).
 
     Candidates are the midpoints between consecutive distinct scores (a cut halfway between the last tile
@@ -261,7 +265,7 @@ def choose_balanced_accuracy_threshold(labels: Sequence[bool], scores: Sequence[
     return ThresholdChoice(float(tied[distance == distance.min()].min()))
 
 
-def best_balanced_accuracy_threshold(labels: Sequence[bool], scores: Sequence[float]) -> float:
+def best_balanced_accuracy_threshold(labels: Labels, scores: Scores) -> float:
     """The threshold of :func:`choose_balanced_accuracy_threshold` (0.5 where it falls back)."""
     return choose_balanced_accuracy_threshold(labels, scores).threshold
 
@@ -291,7 +295,7 @@ class ThresholdCalibration:
         return record
 
 
-def calibrate_threshold(labels: Sequence[bool], probabilities: Sequence[float]) -> ThresholdCalibration:
+def calibrate_threshold(labels: Labels, probabilities: Scores) -> ThresholdCalibration:
     """:func:`choose_balanced_accuracy_threshold` on validation scores, with the scores at the chosen cut."""
     choice = choose_balanced_accuracy_threshold(labels, probabilities)
     return ThresholdCalibration(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ def build_classifier(arch: str, weights: str = "none") -> nn.Module:
             raise WeightsError(
                 f"weights {weights!r} do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-    model.fc = nn.Linear(model.fc.in_features, 1)
+    model.fc = nn.Linear(cast(nn.Linear, model.fc).in_features, 1)
     return model
 
 
@@ -121,7 +121,8 @@ class Segmenter(nn.Module):
             missing, unexpected = nn.Module.load_state_dict(self.network.encoder, backbone, strict=False)
             if missing or unexpected:
                 raise WeightsError(
-                    f"weights {weights!r} do not fit encoder {encoder}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                    f"weights {weights!r} do not fit encoder {encoder}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-
 from pathlib import Path
 
 import yaml
@@ -60,7 +59,7 @@ def run_stage(
 
 def _declared_outputs(stage: str, dvc_yaml: str | Path) -> list[Path]:
     document = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
-    entries = []
+    entries: list[str] = []
     for kind in ("outs", "metrics", "plots"):
         for entry in document.get("stages", {}).get(stage, {}).get(kind, []) or []:
             entries.extend(entry.keys() if isinstance(entry, dict) else [entry])

@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from weakseg.flatten import flatten
+
 EXPERIMENT_NAME = "weakseg"
 LOGGER = logging.getLogger(__name__)
 _EXPERIMENT_WORKSPACES = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
@@ -103,7 +105,7 @@ class StageRun:
         """Logs the numeric leaves of a (nested) mapping as ``prefix + a.b.c``."""
         import mlflow
 
-        flat = {f"{prefix}{key}": float(value) for key, value in _flatten(metrics).items() if _is_number(value)}
+        flat = {f"{prefix}{key}": float(value) for key, value in flatten(metrics).items() if _is_number(value)}
         if flat:
             mlflow.log_metrics(flat, step=step)
 
@@ -120,20 +122,13 @@ class StageRun:
 
         mlflow.set_tags(dict(tags))
 
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        """Logs one training-history row as metrics at step ``row["epoch"]`` (the epoch itself is the step)."""
+        self.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=int(row["epoch"]))
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def end_abandoned_runs(experiment_id: str, stage: str, pipeline: str) -> list[str]:
@@ -170,7 +165,10 @@ def end_abandoned_runs(experiment_id: str, stage: str, pipeline: str) -> list[st
     if ended:
         LOGGER.warning(
             "marked %d earlier %s run(s) of pipeline %s that never ended as KILLED: %s",
-            len(ended), stage, pipeline, ", ".join(ended),
+            len(ended),
+            stage,
+            pipeline,
+            ", ".join(ended),
         )
     return ended
 

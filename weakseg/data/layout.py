@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from weakseg.errors import UserInputError
-from weakseg.io import atomic_path
+from weakseg.io import write_csv
 
 NAME_COLUMN = "Image Name"
 LABEL_COLUMN = "Majority Vote Label"
@@ -105,14 +105,13 @@ def write_annotations(path: str | Path, tiles: Iterable[Tile]) -> None:
     tiles = list(tiles)
     with_annotators = any(tile.annotators is not None for tile in tiles)
     columns = [NAME_COLUMN, LABEL_COLUMN, PARTITION_COLUMN] + ([ANNOTATORS_COLUMN] if with_annotators else [])
-    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(columns)
-        for tile in tiles:
-            row = [tile.name, tile.label, tile.partition]
-            if with_annotators:
-                row.append("" if tile.annotators is None else str(tile.annotators))
-            writer.writerow(row)
+    rows = []
+    for tile in tiles:
+        row = {NAME_COLUMN: tile.name, LABEL_COLUMN: tile.label, PARTITION_COLUMN: tile.partition}
+        if with_annotators:
+            row[ANNOTATORS_COLUMN] = "" if tile.annotators is None else str(tile.annotators)
+        rows.append(row)
+    write_csv(path, rows, columns)
 
 
 def partition(tiles: Sequence[Tile], name: str) -> list[Tile]:

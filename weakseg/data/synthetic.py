@@ -310,10 +310,9 @@ def render_tile(rng: np.random.Generator, size: int, positive: bool) -> Syntheti
     eosin_c = concentrations[..., 1] * (1.0 - 0.6 * np.clip(nucleus_map, 0, 1)) + _NUCLEUS_EOSIN * nucleus_map
 
     hematoxylin, eosin, hematoxylin_strength, eosin_strength, light = stains
-    optical_density = (
-        (hematoxylin_strength * hematoxylin_c)[..., None] * hematoxylin
-        + (eosin_strength * eosin_c)[..., None] * eosin
-    )
+    optical_density = (hematoxylin_strength * hematoxylin_c)[..., None] * hematoxylin + (eosin_strength * eosin_c)[
+        ..., None
+    ] * eosin
     rgb = light * np.exp(-optical_density)
     rgb = cv2.GaussianBlur(rgb, (0, 0), sigmaX=0.5 * scale, borderType=cv2.BORDER_REFLECT)  # optics
     rgb += rng.normal(0.0, 2.5, size=rgb.shape)  # sensor noise

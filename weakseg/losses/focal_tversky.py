@@ -56,7 +56,9 @@ def tversky_index(
         ValueError: if the shapes differ.
     """
     if probabilities.shape != targets.shape:
-        raise ValueError(f"probabilities shape {tuple(probabilities.shape)} differs from targets {tuple(targets.shape)}")
+        raise ValueError(
+            f"probabilities shape {tuple(probabilities.shape)} differs from targets {tuple(targets.shape)}"
+        )
     probabilities = probabilities.float().reshape(-1)
     targets = targets.float().reshape(-1)
     true_positive = (probabilities * targets).sum()
@@ -109,4 +111,6 @@ class FocalTverskyLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of one batch of logits against 0/1 targets of the same shape."""
-        return focal_tversky_loss(torch.sigmoid(logits.float()), targets, self.alpha, self.beta, self.gamma, self.smooth)
+        return focal_tversky_loss(
+            torch.sigmoid(logits.float()), targets, self.alpha, self.beta, self.gamma, self.smooth
+        )

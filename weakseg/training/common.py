@@ -1,9 +1,8 @@
-"""What both training loops share: seeding, determinism, devices, tensors, and history files."""
+"""What both training loops share: seeding, determinism, autocast, the preprocessing record, history files."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import random
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weakseg.io import atomic_path
+from weakseg.io import write_csv
 from weakseg.models import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -37,15 +36,6 @@ def configure_determinism() -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` takes CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 def autocast(device: torch.device, mixed_precision: bool) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast when ``mixed_precision`` is asked for, on CUDA and on the CPU alike; else no change.
 
@@ -58,17 +48,6 @@ def autocast(device: torch.device, mixed_precision: bool) -> contextlib.Abstract
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def images_to_tensor(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 RGB tiles ``(N, H, W, 3)`` to a normalized float tensor ``(N, 3, H, W)`` (ImageNet statistics)."""
-    batch = torch.from_numpy(np.ascontiguousarray(np.stack(list(images)) if not isinstance(images, np.ndarray) else images))
-    if batch.ndim == 3:
-        batch = batch[None]
-    batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype).view(1, 3, 1, 1)
-    return batch.sub_(mean).div_(std)
-
-
 def preprocessing_record(tile_size: int) -> dict[str, Any]:
     """What a checkpoint stores so inference prepares tiles exactly as training did."""
     return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "tile_size": int(tile_size), "scale": 255.0}
@@ -78,12 +57,7 @@ def write_history(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Writes per-epoch rows as CSV (a ``dvc plots`` source), atomically."""
     if not rows:
         raise ValueError(f"{path}: no history rows to write")
-    columns = list(rows[0].keys())
-    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
+    write_csv(path, rows, list(rows[0].keys()))
 
 
 def worker_seed(base_seed: int, worker_id: int) -> int:

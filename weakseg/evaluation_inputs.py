@@ -1,0 +1,135 @@
+"""What the ``evaluate`` stage scores: both models run over the test tiles, beside the masks on disk.
+
+:func:`score_tiles` reads the test tiles' images, tissue masks, CAMs, pseudo-masks and (where the dataset
+has them) true masks, runs the classifier and the segmenter, and returns one
+:class:`~weakseg.evaluation.TestTile` per tile for :func:`weakseg.evaluation.compute_metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weakseg.data.layout import Tile
+from weakseg.distributed import select_device
+from weakseg.evaluation import EvaluateInputError, TestTile
+from weakseg.inference import load_model, make_forward
+from weakseg.io import read_gray, read_mask, read_pseudo_mask, read_rgb
+from weakseg.params import StageParams
+from weakseg.refine import threshold_cam
+from weakseg.sliding_window import predict_images
+
+
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """Where the evaluate stage reads: the folders of earlier stages and the two checkpoints."""
+
+    normalized: Path  # images/, tissue/ and annotations.csv
+    true_masks: Path  # absent when the dataset has no pixel truth
+    cams: Path
+    pseudo_masks: Path
+    classifier: Path
+    segmenter: Path
+
+
+def _check_shape(path: Path, array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if array.shape[:2] != shape:
+        raise EvaluateInputError(
+            f"{path}: size {array.shape[1]}x{array.shape[0]} differs from its tile's {shape[1]}x{shape[0]}"
+        )
+    return array
+
+
+def score_tiles(
+    params: StageParams,
+    inputs: EvaluationInputs,
+    tiles: list[Tile],
+    shown: set[str],
+    device: torch.device | None = None,
+) -> tuple[list[TestTile], bool, float, float]:
+    """Runs both models over the test tiles and gathers every mask the metrics need.
+
+    Args:
+        params: the evaluate stage's params (``evaluate``, ``refine.threshold_quantile``,
+            ``refine.restrict_to_tissue``, ``data.positive_label``).
+        inputs: where the tiles, masks and checkpoints are.
+        tiles: the test tiles to score, in order.
+        shown: names of the figure tiles, whose image and probability map are kept.
+        device: a distributed rank's GPU; replaces ``evaluate.device`` when given.
+
+    Returns:
+        The scored tiles, whether true masks exist, and the tile thresholds of the segmenter head and of
+        the classifier from their checkpoints.
+
+    Raises:
+        EvaluateInputError: for an unusable device, a model of another positive label, or a mask whose
+            size differs from its tile's.
+        InferenceError: for a checkpoint or image the models cannot use.
+    """
+    settings = params.evaluate
+    if device is None:
+        try:
+            device = select_device(settings.device)
+        except RuntimeError as error:
+            raise EvaluateInputError(f"evaluate.device: {error}") from None
+    classifier = load_model(inputs.classifier, "classifier", device)
+    segmenter = load_model(inputs.segmenter, "segmenter", device)
+    for model in (classifier, segmenter):
+        if model.positive_label is not None and model.positive_label != params.data.positive_label:
+            raise EvaluateInputError(
+                f"{model.path}: trained for positive label {model.positive_label!r}, but data.positive_label "
+                f"is {params.data.positive_label!r}; re-run the pipeline"
+            )
+    has_truth = inputs.true_masks.is_dir()
+    forward = make_forward(segmenter.model, classifier.model)
+    classifier_threshold = classifier.decision_threshold
+    images_folder, tissue_folder = inputs.normalized / "images", inputs.normalized / "tissue"
+
+    def images() -> Iterator[tuple[int, np.ndarray]]:
+        for index, tile in enumerate(tiles):
+            yield index, read_rgb(images_folder / tile.name)
+
+    scored: list[TestTile] = []
+    predictions = predict_images(images(), forward, segmenter.preprocessing, device, settings.batch_size)
+    for index, prediction in tqdm(predictions, total=len(tiles), desc="evaluate: test tiles", leave=False):
+        tile = tiles[index]
+        if prediction.probability is None:
+            raise EvaluateInputError(f"{inputs.segmenter}: the model gave no probability map for {tile.name}")
+        shape = prediction.probability.shape
+        tissue = _check_shape(tissue_folder / tile.name, read_mask(tissue_folder / tile.name), shape)
+        cam = _check_shape(inputs.cams / tile.name, read_gray(inputs.cams / tile.name), shape)
+        # The foreground only: a pseudo-mask's ignored band (128) is not lesion.
+        pseudo_path = inputs.pseudo_masks / tile.name
+        pseudo = _check_shape(pseudo_path, read_pseudo_mask(pseudo_path)[0], shape)
+        truth_path = inputs.true_masks / tile.name
+        truth = _check_shape(truth_path, read_mask(truth_path), shape) if has_truth else None
+        predicted = prediction.probability >= settings.threshold
+        if params.refine.restrict_to_tissue:
+            # The same post-processing as `predict`: lesion pixels are tissue by definition.
+            predicted &= tissue
+        cam_mask = threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
+        ungated = None
+        called_negative = prediction.tile_probabilities["classifier"] < classifier_threshold
+        if settings.segmenter_gate == "classifier" and called_negative:
+            ungated, predicted = predicted, np.zeros_like(predicted)
+        record = TestTile(
+            tile=tile,
+            prediction=predicted,
+            prediction_ungated=ungated,
+            pseudo=pseudo,
+            cam_mask=cam_mask,
+            tissue=tissue,
+            truth=truth,
+            classifier_probability=prediction.tile_probabilities["classifier"],
+            head_probability=prediction.tile_probabilities["head"],
+        )
+        if tile.name in shown:
+            record.image = read_rgb(images_folder / tile.name)
+            record.probability = prediction.probability
+        scored.append(record)
+    return scored, has_truth, segmenter.head_threshold, classifier_threshold

@@ -1,0 +1,31 @@
+"""The ``evaluate`` section of ``params.yaml``: scoring on the test partition."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from weakseg.params.base import _Strict
+
+
+class EvaluateParams(_Strict):
+    """Scoring on the test partition."""
+
+    threshold: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="The segmenter's pixel threshold. Classifier decisions (scores, confusion, every gate) use "
+        "the decision_threshold train_classifier chose on validation and stored in its checkpoint.",
+    )
+    segmenter_gate: Literal["none", "classifier"] = Field(
+        "none",
+        description="'classifier': the segmenter's mask of a tile the classifier calls negative is emptied "
+        "(a classification gate at inference; weakseg-predict --gate does the same).",
+    )
+    min_foreground_pixels: int = Field(64, ge=0, description="Tile positive if the prediction has more.")
+    figure_tiles: int = Field(4, ge=1, le=32, description="Test tiles per class in the figures.")
+    figure_seed: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,0 +1,86 @@
+"""The ``cam`` and ``refine`` sections of ``params.yaml``: class activation maps, and the pseudo-masks from them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from weakseg.params.base import _key_error, _Strict
+
+
+# ---------------------------------------------------------------------------------------------- cam
+class CamParams(_Strict):
+    """Stage 2: class activation maps from the classifier."""
+
+    method: Literal["smoothgradcampp", "gradcam", "gradcampp", "scorecam", "layercam"] = "smoothgradcampp"
+    num_samples: int = Field(4, ge=1, description="Smooth Grad-CAM++ noise samples.")
+    std: float = Field(0.3, gt=0.0, description="Smooth Grad-CAM++ noise standard deviation.")
+    target_layer: str = Field("layer4", min_length=1)
+    batch_size: int = Field(16, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    negative_train_tiles: bool = Field(
+        False,
+        description="Also compute CAMs for negative train tiles; refine_masks gives them empty pseudo-masks "
+        "either way, so this only costs time (the figures' negative tile always gets its CAM).",
+    )
+
+
+# ------------------------------------------------------------------------------------------- refine
+class GaussianPairwiseParams(_Strict):
+    """DenseCRF smoothness term."""
+
+    sxy: float = Field(3.0, gt=0.0)
+    compat: float = Field(3.0, ge=0.0)
+
+
+class BilateralPairwiseParams(_Strict):
+    """DenseCRF appearance term."""
+
+    sxy: float = Field(80.0, gt=0.0)
+    srgb: float = Field(13.0, gt=0.0)
+    compat: float = Field(10.0, ge=0.0)
+
+
+class CrfParams(_Strict):
+    """DenseCRF refinement of the pseudo-mask."""
+
+    enabled: bool = True
+    iterations: int = Field(5, ge=1, le=100)
+    unary: Literal["probability", "hard"] = "probability"
+    hard_confidence: float = Field(0.9, gt=0.5, lt=1.0, description="Label confidence for the 'hard' unary.")
+    gaussian: GaussianPairwiseParams = GaussianPairwiseParams()
+    bilateral: BilateralPairwiseParams = BilateralPairwiseParams()
+
+
+class RefineParams(_Strict):
+    """Stage 3: CAM -> pseudo-mask."""
+
+    threshold_quantile: float = Field(0.5, ge=0.0, le=1.0)
+    restrict_to_tissue: bool = True
+    opening_kernel: int = Field(3, ge=0, description="0 skips opening.")
+    closing_kernel: int = Field(5, ge=0, description="0 skips closing.")
+    min_object_size: int = Field(64, ge=0)
+    crf: CrfParams = CrfParams()
+    background_quantile: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="null: everything not foreground is background. A quantile in [0, threshold_quantile]: "
+        "tissue pixels whose CAM is at or below it are background, the other non-foreground tissue pixels "
+        "of a positive tile are ignored by the segmenter's loss (written as 128).",
+    )
+    workers: int = Field(0, ge=0, description="Process-pool size; 0 uses every core.")
+    figure_tiles: int = Field(4, ge=0, le=32)
+
+    @model_validator(mode="after")
+    def _band_below_foreground(self) -> RefineParams:
+        if self.background_quantile is not None and self.background_quantile > self.threshold_quantile:
+            raise _key_error(
+                "RefineParams",
+                ("background_quantile",),
+                self.background_quantile,
+                f"must be <= refine.threshold_quantile ({self.threshold_quantile}): the background lies below "
+                "the foreground's cut",
+            )
+        return self
