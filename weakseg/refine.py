@@ -3,7 +3,7 @@
 The chain (Spajic et al. 2025) is: threshold the CAM at a quantile of its values inside the tissue,
 morphological opening then closing, removal of small connected components, and a fully connected CRF
 (DenseCRF) on the stain-normalized RGB tile. Negative tiles get empty masks. Every function takes and
-returns arrays; files are read and written by ``stages/refine_masks.py``.
+returns arrays; files are read and written by ``weakseg/pseudo_masks.py`` (for ``stages/refine_masks.py``).
 
 With ``background_quantile`` set, a positive tile's pseudo-mask has three labels instead of two: the
 foreground (the chain's mask), a confident background (outside the region, plus region pixels whose CAM is
@@ -14,6 +14,7 @@ negative tiles rather than from a fixed foreground share.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,15 +175,19 @@ def _square(size: int) -> np.ndarray:
     return morphology.footprint_rectangle((size, size))
 
 
+def _square_morphology(mask: np.ndarray, kernel: int, operation: Callable[..., np.ndarray]) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool)
+    if kernel <= 1:
+        return mask.copy()
+    return operation(mask, _square(kernel))
+
+
 def open_mask(mask: np.ndarray, kernel: int = 3) -> np.ndarray:
     """Morphological opening with a ``kernel`` x ``kernel`` square: removes specks and thin bridges.
 
     A kernel of 0 or 1 returns the mask unchanged.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if kernel <= 1:
-        return mask.copy()
-    return morphology.opening(mask, _square(kernel))
+    return _square_morphology(mask, kernel, morphology.opening)
 
 
 def close_mask(mask: np.ndarray, kernel: int = 5) -> np.ndarray:
@@ -190,10 +195,7 @@ def close_mask(mask: np.ndarray, kernel: int = 5) -> np.ndarray:
 
     A kernel of 0 or 1 returns the mask unchanged.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if kernel <= 1:
-        return mask.copy()
-    return morphology.closing(mask, _square(kernel))
+    return _square_morphology(mask, kernel, morphology.closing)
 
 
 def remove_small_components(mask: np.ndarray, min_size: int = 64) -> np.ndarray:

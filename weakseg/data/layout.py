@@ -192,6 +192,22 @@ def split_train_validation(
     return sorted(train, key=lambda tile: tile.name), sorted(validation, key=lambda tile: tile.name)
 
 
+def _decoded_size_and_mode(path: Path, what: str) -> tuple[tuple[int, int], str]:
+    """Decodes ``path`` fully (a truncated PNG fails here, not in a later stage) and returns its size and mode.
+
+    Raises:
+        LayoutError: naming the file, if it cannot be decoded as an image (``what``: "image" or "mask").
+    """
+    from PIL import Image, UnidentifiedImageError  # local: only the layout check decodes here
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.size, image.mode
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise LayoutError(f"{path}: cannot decode {what} ({error})") from None
+
+
 def check_tile_files(root: str | Path, tiles: Sequence[Tile], tile_size: int | None = None) -> bool:
     """Checks that every listed image exists, decodes as RGB and (optionally) has the expected size.
 
@@ -203,8 +219,6 @@ def check_tile_files(root: str | Path, tiles: Sequence[Tile], tile_size: int | N
     Raises:
         LayoutError: naming the first bad file and the problem.
     """
-    from PIL import Image, UnidentifiedImageError  # local: only this check needs header access
-
     root = Path(root)
     images = root / "images"
     if not images.is_dir():
@@ -215,12 +229,7 @@ def check_tile_files(root: str | Path, tiles: Sequence[Tile], tile_size: int | N
         image_path = images / tile.name
         if not image_path.is_file():
             raise LayoutError(f"{image_path}: listed in annotations.csv but missing")
-        try:
-            with Image.open(image_path) as image:
-                image.load()
-                size, mode = image.size, image.mode
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise LayoutError(f"{image_path}: cannot decode image ({error})") from None
+        size, mode = _decoded_size_and_mode(image_path, "image")
         if mode not in ("RGB", "RGBA"):
             raise LayoutError(f"{image_path}: image mode {mode}, expected RGB")
         if tile_size is not None and size != (tile_size, tile_size):
@@ -229,12 +238,7 @@ def check_tile_files(root: str | Path, tiles: Sequence[Tile], tile_size: int | N
             mask_path = masks / tile.name
             if not mask_path.is_file():
                 raise LayoutError(f"{mask_path}: masks/ exists but this tile's mask is missing")
-            try:
-                with Image.open(mask_path) as mask:
-                    mask.load()
-                    mask_size = mask.size
-            except (UnidentifiedImageError, OSError, SyntaxError) as error:
-                raise LayoutError(f"{mask_path}: cannot decode mask ({error})") from None
+            mask_size, _ = _decoded_size_and_mode(mask_path, "mask")
             if mask_size != size:
                 raise LayoutError(f"{mask_path}: mask size {mask_size} differs from its image's {size}")
     return has_masks

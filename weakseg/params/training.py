@@ -21,7 +21,7 @@ class FocalTverskyParams(_Strict):
 
 
 class UnfreezeParams(_Strict):
-    """Progressive unfreezing of a pretrained backbone (``weakseg.training.classifier.trainable_groups``).
+    """Progressive unfreezing of a pretrained backbone (``weakseg.training.unfreezing.trainable_groups``).
 
     Epochs are counted from 0; ``full_epoch`` must lie before the last epoch (``ClassifierParams`` checks it),
     or the last step (``layer1`` and the stem) never trains.
