@@ -6,10 +6,8 @@ ever decoded), carves a stratified validation split from them, trains, and write
 tile decision threshold chosen on the validation split), ``metrics/classifier.json``,
 ``metrics/classifier_history.csv`` and one MLflow run.
 
-With ``classifier.distributed.processes_per_node > 1`` the stage re-launches itself under PyTorch's
-elastic launcher; under ``torchrun`` (that re-launch, or a user's multi-node command) every process trains
-its share of each global batch with ``DistributedDataParallel`` and only rank 0 writes files and the
-MLflow run.
+Several processes (``classifier.distributed.processes_per_node``, or ``torchrun``) train one model together;
+rank 0 alone writes (:func:`weakseg.distributed.run_training_stage` says how).
 """
 
 from __future__ import annotations
@@ -17,16 +15,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from weakseg.data.layout import LayoutError, partition, read_annotations, split_train_validation
-from weakseg.distributed import DistributedContext, StageRelaunch, run_distributed_stage
+from weakseg.distributed import DistributedContext, run_training_stage
 from weakseg.io import write_json
 from weakseg.models import build_classifier, save_checkpoint
 from weakseg.params import ParamsError, StageParams
-from weakseg.stage import run_stage
+from weakseg.stage import run_relaunchable_stage
 from weakseg.tracking import stage_run
 from weakseg.training.classifier import classifier_metrics, log_summary, train_classifier
 from weakseg.training.classifier_data import load_classifier_datasets
@@ -49,15 +46,7 @@ def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
             ``classifier.distributed.processes_per_node`` processes.
     """
     settings = params.classifier
-    run_distributed_stage(
-        "classifier",
-        settings.device,
-        functools.partial(_train, params),
-        relaunch=StageRelaunch(
-            f"stages.{STAGE}", settings.distributed.processes_per_node, settings.batch_size, stage_arguments
-        ),
-        backend=settings.distributed.backend,
-    )
+    run_training_stage(STAGE, "classifier", settings, functools.partial(_train, params), stage_arguments)
 
 
 def _train(params: StageParams, context: DistributedContext) -> None:
@@ -142,8 +131,7 @@ def _train(params: StageParams, context: DistributedContext) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the stage with ``argv`` (``sys.argv[1:]`` by default), which a re-launch passes on."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    return run_stage(STAGE, functools.partial(run, stage_arguments=arguments), argv=arguments)
+    return run_relaunchable_stage(STAGE, run, argv)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,8 @@ partition only; test tiles are never decoded). With ``segmenter.targets: truth``
 (``data/raw/masks``) instead: the fully supervised reference, never the default. Writes
 ``models/segmenter.pt``, ``metrics/segmenter.json``, ``metrics/segmenter_history.csv`` and an MLflow run.
 
-With ``segmenter.distributed.processes_per_node > 1`` the stage re-launches itself under PyTorch's
-elastic launcher; under ``torchrun`` (that re-launch, or a user's multi-node command) every process trains
-its share of each global batch with ``DistributedDataParallel`` and only rank 0 writes files and the
-MLflow run.
+Several processes (``segmenter.distributed.processes_per_node``, or ``torchrun``) train one model together;
+rank 0 alone writes (:func:`weakseg.distributed.run_training_stage` says how).
 """
 
 from __future__ import annotations
@@ -16,16 +14,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from weakseg.data.layout import read_annotations
-from weakseg.distributed import DistributedContext, StageRelaunch, run_distributed_stage
+from weakseg.distributed import DistributedContext, run_training_stage
 from weakseg.io import write_json
 from weakseg.models import build_segmenter, save_checkpoint
 from weakseg.params import StageParams
-from weakseg.stage import run_stage
+from weakseg.stage import run_relaunchable_stage
 from weakseg.tracking import stage_run
 from weakseg.training.common import configure_determinism, preprocessing_record, write_history
 from weakseg.training.segmenter import log_summary, segmenter_metrics, train_segmenter
@@ -68,15 +65,7 @@ def run(params: StageParams, stage_arguments: Sequence[str] = ()) -> None:
     """
     settings = params.segmenter
     target_masks_folder(settings.targets)  # a dataset without truth fails here, before any process starts
-    run_distributed_stage(
-        "segmenter",
-        settings.device,
-        functools.partial(_train, params),
-        relaunch=StageRelaunch(
-            f"stages.{STAGE}", settings.distributed.processes_per_node, settings.batch_size, stage_arguments
-        ),
-        backend=settings.distributed.backend,
-    )
+    run_training_stage(STAGE, "segmenter", settings, functools.partial(_train, params), stage_arguments)
 
 
 def _train(params: StageParams, context: DistributedContext) -> None:
@@ -139,8 +128,7 @@ def _train(params: StageParams, context: DistributedContext) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the stage with ``argv`` (``sys.argv[1:]`` by default), which a re-launch passes on."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    return run_stage(STAGE, functools.partial(run, stage_arguments=arguments), argv=arguments)
+    return run_relaunchable_stage(STAGE, run, argv)
 
 
 if __name__ == "__main__":

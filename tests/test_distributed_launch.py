@@ -119,3 +119,18 @@ def test_an_unavailable_device_is_the_stages_error_or_stays_a_runtime_error(
     with pytest.raises(RuntimeError, match="^no CUDA GPU"):
         run_distributed_stage("cam", "cuda", lambda context: None, device_error=None)
     assert calls["left"] == []
+
+
+def test_a_training_stage_frame_relaunches_its_own_module_with_its_section_settings(
+    calls: dict[str, list[Any]],
+) -> None:
+    from weakseg.distributed.launch import run_training_stage
+    from weakseg.params import ClassifierParams
+
+    settings = ClassifierParams(distributed={"processes_per_node": 2, "backend": "gloo"}, batch_size=8, device="cpu")
+    seen: list[DistributedContext] = []
+    run_training_stage("train_classifier", "classifier", settings, seen.append, ["--params", "p.yaml"])
+    assert calls["relaunch"] == [("stages.train_classifier", 2, ["--params", "p.yaml"])]
+    one = ClassifierParams(distributed={"processes_per_node": 1, "backend": "gloo"}, device="cpu")
+    run_training_stage("train_classifier", "classifier", one, seen.append)
+    assert calls["init"] == [("gloo", "cpu")] and seen == [DistributedContext(device=torch.device("cpu"))]

@@ -372,7 +372,7 @@ def test_truth_targets_without_true_masks_fail_before_training_naming_the_parame
     params["segmenter"] = {**params["segmenter"], "targets": "truth"}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     trained: list[bool] = []
-    monkeypatch.setattr(stage, "run_distributed_stage", lambda *args, **kwargs: trained.append(True))
+    monkeypatch.setattr(stage, "run_training_stage", lambda *args, **kwargs: trained.append(True))
     assert run_stage("train_segmenter", stage.run, argv=[]) == 2
     assert "segmenter.targets" in capsys.readouterr().err and not trained
 

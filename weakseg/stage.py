@@ -10,6 +10,7 @@ A stage module is::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -72,3 +73,13 @@ def _remove_leftovers_of_killed_runs(stage: str, dvc_yaml: str | Path) -> None:
         remove_stale_temporaries(output.parent)
         if output.is_dir():
             remove_stale_temporaries(output)
+
+
+def run_relaunchable_stage(stage: str, run: Callable[..., None], argv: Sequence[str] | None = None) -> int:
+    """:func:`run_stage` for a stage that may re-launch itself: ``run(params, stage_arguments=argv)``.
+
+    The arguments (``sys.argv[1:]`` by default) reach ``run`` too, so a re-launched process reads the same
+    params file.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    return run_stage(stage, functools.partial(run, stage_arguments=arguments), argv=arguments)

@@ -34,6 +34,7 @@ from weakseg.distributed.launch import (
     relaunch_command,
     relaunch_or_fail,
     run_distributed_stage,
+    run_training_stage,
 )
 from weakseg.distributed.process_group import (
     DistributedContext,
@@ -86,6 +87,7 @@ __all__ = [
     "relaunch_or_fail",
     "resolve_backend",
     "run_distributed_stage",
+    "run_training_stage",
     "select_device",
     "shard",
     "shutdown",

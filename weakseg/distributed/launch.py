@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import Protocol, overload
 
 from weakseg.distributed.process_group import (
     DistributedContext,
@@ -210,3 +210,56 @@ def run_distributed_stage(
         logging.getLogger().setLevel(logging.WARNING)
     with leaving_process_group(context):
         work(context)
+
+
+class _ProcessSettings(Protocol):
+    @property
+    def processes_per_node(self) -> int: ...
+
+    @property
+    def backend(self) -> str: ...
+
+
+class TrainingSectionSettings(Protocol):
+    """What :func:`run_training_stage` reads of a training section (``classifier`` or ``segmenter``)."""
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def distributed(self) -> _ProcessSettings: ...
+
+
+def run_training_stage(
+    stage: str,
+    section: str,
+    settings: TrainingSectionSettings,
+    work: Callable[[DistributedContext], None],
+    stage_arguments: Sequence[str] = (),
+) -> None:
+    """A training stage's frame: :func:`run_distributed_stage` re-launching ``stages.<stage>`` when asked.
+
+    With ``<section>.distributed.processes_per_node > 1`` the stage re-launches itself under PyTorch's
+    elastic launcher; under ``torchrun`` (that re-launch, or a user's multi-node command) every process
+    trains its share of each global batch with ``DistributedDataParallel``, and only rank 0 writes files
+    and the MLflow run.
+
+    Args:
+        stage: the stage's name (``train_classifier``), whose module ``stages.<stage>`` a re-launch runs.
+        section: its params section (``classifier``), for messages.
+        settings: that section.
+        work: the stage's work in one process.
+        stage_arguments: the command-line arguments a re-launch passes on.
+    """
+    run_distributed_stage(
+        section,
+        settings.device,
+        work,
+        relaunch=StageRelaunch(
+            f"stages.{stage}", settings.distributed.processes_per_node, settings.batch_size, stage_arguments
+        ),
+        backend=settings.distributed.backend,
+    )
