@@ -95,7 +95,7 @@ VARIANT_ROWS = {
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
-    "weakseg": "the default method (ignore band, no CRF, balanced classifier), tile labels only",
+    "weakseg": "the default method (ignore band, no CRF, balanced classifier, scarce negatives repeated), tile labels only",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
     "weakseg_without_negative_oversampling": "ablation: weakseg without repeating the scarce negative tiles",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",

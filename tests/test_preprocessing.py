@@ -8,7 +8,7 @@ import torch
 
 from weakseg.cam import images_to_model_input
 from weakseg.models import IMAGENET_MEAN, IMAGENET_STD
-from weakseg.preprocessing import images_to_tensor
+from weakseg.preprocessing import images_to_tensor, tile_to_tensor
 from weakseg.training.datasets import TileDataset
 
 
@@ -21,8 +21,12 @@ def _reference(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ..
 
 
 def _bit_equal(first: torch.Tensor, second: torch.Tensor) -> bool:
-    return first.dtype == second.dtype and first.shape == second.shape and bool(
-        np.array_equal(first.contiguous().numpy().view(np.uint32), second.contiguous().numpy().view(np.uint32))
+    return (
+        first.dtype == second.dtype
+        and first.shape == second.shape
+        and bool(
+            np.array_equal(first.contiguous().numpy().view(np.uint32), second.contiguous().numpy().view(np.uint32))
+        )
     )
 
 
@@ -63,9 +67,14 @@ def test_cam_input_uses_the_checkpoints_record_or_imagenet_statistics(rng: np.ra
 
 
 def test_the_training_dataset_normalizes_to_within_float_rounding(rng: np.random.Generator) -> None:
-    # TileDataset computes (x - 255 mean) / (255 std) in NumPy: the same values up to rounding, not the same
-    # bits, which is why it keeps its own arithmetic (training runs reproduce their earlier numbers).
+    # TileDataset uses tile_to_tensor, (x - 255 mean) / (255 std) in NumPy: the same values up to rounding,
+    # not the same bits (kept so that training runs reproduce their earlier numbers).
     images = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
     dataset = TileDataset(images, [True, False, True])
     items = torch.stack([dataset[index][0] for index in range(3)])
     torch.testing.assert_close(items, images_to_tensor(images).contiguous(), rtol=0, atol=1e-6)
+    numpy_path = (images[1].astype(np.float32) - np.float32(255.0) * np.asarray(IMAGENET_MEAN, np.float32)) / (
+        np.asarray(IMAGENET_STD, np.float32) * np.float32(255.0)
+    )
+    assert _bit_equal(tile_to_tensor(images[1]), torch.from_numpy(np.ascontiguousarray(numpy_path.transpose(2, 0, 1))))
+    assert _bit_equal(items[1], tile_to_tensor(images[1]))

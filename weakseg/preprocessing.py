@@ -1,8 +1,10 @@
 """What a model sees: uint8 RGB tiles scaled and normalized per channel into a float tensor.
 
-Training, CAM generation and inference all prepare tiles with :func:`images_to_tensor`, so a checkpoint's
-model gets at inference the numbers it was trained on. (``TileDataset`` normalizes in NumPy while it
-augments; its float32 results differ from these in the last bits, so it keeps its own arithmetic.)
+Training, CAM generation and inference all prepare tiles here, so a checkpoint's model gets at inference
+the numbers it was trained on: batches with :func:`images_to_tensor`, and the training datasets' augmented
+tiles one at a time with :func:`tile_to_tensor`, which computes the same normalization in NumPy (its
+float32 results differ from :func:`images_to_tensor`'s in the last bits; both are kept so that every
+trained model stays bit-identical to the one trained before the two were brought together).
 """
 
 from __future__ import annotations
@@ -13,6 +15,19 @@ import numpy as np
 import torch
 
 from weakseg.models import IMAGENET_MEAN, IMAGENET_STD
+
+_IMAGENET_MEAN_255 = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255.0
+_IMAGENET_STD_255 = np.asarray(IMAGENET_STD, dtype=np.float32) * 255.0
+
+
+def tile_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """One uint8 RGB tile ``(H, W, 3)`` to a float32 tensor ``(3, H, W)`` with ImageNet's normalization.
+
+    ``(image - 255 * mean) / (255 * std)`` in NumPy float32, for the training datasets (one augmented tile
+    per item); within 1e-6 of :func:`images_to_tensor`.
+    """
+    normalized = (np.asarray(image, dtype=np.float32) - _IMAGENET_MEAN_255) / _IMAGENET_STD_255
+    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
 
 
 def images_to_tensor(

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from weakseg.data.layout import Tile
 from weakseg.io import read_mask, read_pseudo_mask, read_rgb
 from weakseg.losses.segmentation import IGNORE_INDEX
-from weakseg.models import IMAGENET_MEAN, IMAGENET_STD
+from weakseg.preprocessing import tile_to_tensor
 
 
 def load_tiles(folder: str | Path, tiles: Sequence[Tile], description: str = "loading tiles") -> np.ndarray:
@@ -86,8 +86,6 @@ class TileDataset(Dataset):
         self.labels = np.asarray(labels, dtype=np.float32)
         self.masks = masks
         self.augmentation = augmentation
-        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255.0
-        self._std = np.asarray(IMAGENET_STD, dtype=np.float32) * 255.0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -106,8 +104,7 @@ class TileDataset(Dataset):
             else:
                 out = self.augmentation(image=image, mask=mask)
                 image, mask = out["image"], out["mask"]
-        normalized = (np.asarray(image, dtype=np.float32) - self._mean) / self._std
-        image_tensor = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
+        image_tensor = tile_to_tensor(image)
         label = torch.tensor(self.labels[index])
         if mask is None:
             return image_tensor, label
