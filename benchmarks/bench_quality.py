@@ -14,7 +14,14 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
   tiles that run's classifier calls positive), ``tissue_if_label_positive_oracle_label``, and the ablation
   rows ``cam_thresholded`` and ``pseudo_masks`` (classifier-gated, as the pipeline would output them);
 - ablations read from the trained runs' ``evaluate.json``: ``paper_classifier_gated`` (the paper's
-  segmenter with the classification gate) and ``weakseg_classifier_gated`` (weakseg with it).
+  segmenter with the classification gate) and ``weakseg_classifier_gated`` (weakseg with it);
+- trained ablation rows (:data:`ABLATIONS`), the ladder from the paper's chain to the default, one
+  component at a time: ``paper_without_crf``, then the ignore band (= ``weakseg``), then the tile-label
+  losses (``weakseg_with_tile_label_losses``).
+
+``ebhi-hgin-polyp-imbalanced`` is EBHI with most negative *train* tiles dropped (10 positives to 1
+negative, a seeded choice; :func:`make_imbalanced_variant`, links in the workspace, nothing copied into
+the repository); its test partition is EBHI's, so its rows compare with EBHI's.
 
 Each (dataset, method, seed) runs ``dvc repro`` in one project copy per dataset under ``.bench/quality``
 (git-ignored), so DVC's run cache restores every stage an earlier run already computed; a finished run's
@@ -25,16 +32,19 @@ as each stage logged them when it ran; a stage shared by several rows (the class
 The check at the end exits non-zero, naming the row, when the default method's mean IoU falls below the
 classifier-gated trivial baseline's on a dataset, or the fully supervised reference's below 0.75 on EBHI.
 
-    python -m benchmarks.bench_quality [--datasets demo ebhi-hgin-polyp] [--seeds 0 1 2] [--report-only]
+    python -m benchmarks.bench_quality [--datasets demo ebhi-hgin-polyp ebhi-hgin-polyp-imbalanced]
+        [--seeds 0 1 2] [--methods weakseg ...] [--report-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
-import shutil
 import os
+import random
+import shutil
 import re
 import statistics
 import sys
@@ -83,9 +93,33 @@ VARIANT_ROWS = {
 }
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
+    "paper_without_crf": "ablation: the paper's chain without DenseCRF",
     "weakseg": "the default method (ignore band, no CRF, balanced classifier), tile labels only",
+    "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
+# Trained ablation rows: (the row it changes, the dotted params it sets).
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "paper_without_crf": ("paper", {"refine.crf.enabled": False}),
+    "weakseg_with_tile_label_losses": (
+        "weakseg",
+        {
+            "segmenter.loss.multiple_instance": 0.5,
+            "segmenter.loss.multiple_instance_top_fraction": 0.2,
+            "segmenter.loss.size": 1.0,
+            "segmenter.loss.size_lower": 0.3,
+            "segmenter.loss.size_upper": 1.0,
+        },
+    ),
+}
+# Which trained rows each dataset runs (the imbalanced variant tests the default's robustness only).
+DATASET_METHODS = {
+    "demo": ("weakseg", "fully_supervised", "paper", "paper_without_crf", "weakseg_with_tile_label_losses"),
+    "ebhi-hgin-polyp": ("weakseg", "fully_supervised", "paper", "paper_without_crf"),
+    "ebhi-hgin-polyp-imbalanced": ("weakseg", "fully_supervised"),
+}
+IMBALANCED_RATIO = 10  # positive train tiles per negative train tile in the imbalanced variant
+IMBALANCED_DATA = WORKSPACE / "ebhi-hgin-polyp-imbalanced" / "data"
 ROW_ORDER = [
     "tissue_if_classified_positive",
     "tissue_if_label_positive_oracle_label",
@@ -93,8 +127,10 @@ ROW_ORDER = [
     "pseudo_masks",
     "paper",
     "paper_classifier_gated",
+    "paper_without_crf",
     "weakseg",
     "weakseg_classifier_gated",
+    "weakseg_with_tile_label_losses",
     "fully_supervised",
 ]
 
@@ -114,6 +150,9 @@ def dataset_params(dataset: str, seed: int) -> dict[str, Any]:
     elif dataset == "ebhi-hgin-polyp":
         params = yaml.safe_load((PROJECT_ROOT / "presets" / "ebhi-cpu.yaml").read_text())
         _set(params, "data.folder.path", str(SHARED_DATA))
+    elif dataset == "ebhi-hgin-polyp-imbalanced":
+        params = yaml.safe_load((PROJECT_ROOT / "presets" / "ebhi-cpu.yaml").read_text())
+        _set(params, "data.folder.path", str(IMBALANCED_DATA))
     else:
         raise ValueError(f"unknown dataset {dataset!r}")
     params["seed"] = seed
@@ -129,9 +168,54 @@ def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
         params["evaluate"]["segmenter_gate"] = paper["evaluate"]["segmenter_gate"]
     elif method == "fully_supervised":
         _set(params, "segmenter.targets", "truth")
+    elif method in ABLATIONS:
+        base, changes = ABLATIONS[method]
+        params = method_params(dataset, base, seed)
+        for dotted, value in changes.items():
+            _set(params, dotted, value)
     elif method != "weakseg":
         raise ValueError(f"unknown method {method!r}")
     return params
+
+
+def make_imbalanced_variant(
+    source: Path, destination: Path, positive_label: str, ratio: int = IMBALANCED_RATIO, seed: int = 0
+) -> Path:
+    """A copy of ``source`` (MHIST layout) keeping ``1 / ratio`` as many negative train tiles as positive ones.
+
+    Images and masks are symbolic links into ``source``; ``annotations.csv`` is rewritten with the kept
+    rows in their original order. The negatives kept are a seeded choice; test tiles are all kept.
+    Rebuilt only when missing, and written to a temporary folder first, so a crash leaves nothing half made.
+    """
+    if (destination / "annotations.csv").is_file():
+        return destination
+    with (source / "annotations.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    train = [row for row in rows if row["Partition"] == "train"]
+    positives = sum(row["Majority Vote Label"] == positive_label for row in train)
+    negatives = [row["Image Name"] for row in train if row["Majority Vote Label"] != positive_label]
+    keep = set(random.Random(seed).sample(negatives, min(len(negatives), max(1, positives // ratio))))
+    kept = [
+        row
+        for row in rows
+        if row["Partition"] != "train" or row["Majority Vote Label"] == positive_label or row["Image Name"] in keep
+    ]
+    temporary = destination.with_name(destination.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    for folder in ("images", "masks"):
+        if (source / folder).is_dir():
+            (temporary / folder).mkdir(parents=True)
+            for row in kept:
+                (temporary / folder / row["Image Name"]).symlink_to((source / folder / row["Image Name"]).resolve())
+    with (temporary / "annotations.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(temporary, destination)
+    return destination
 
 
 def _scores(metrics: dict[str, Any], dotted: str) -> dict[str, float] | None:
@@ -217,16 +301,25 @@ def _save_runs(path: Path, runs: dict[str, Any]) -> None:
 
 
 def run_dataset(
-    dataset: str, seeds: Sequence[int], runs: dict[str, Any], save: Callable[[], None], workspace: Path = WORKSPACE
+    dataset: str,
+    seeds: Sequence[int],
+    runs: dict[str, Any],
+    save: Callable[[], None],
+    workspace: Path = WORKSPACE,
+    methods: Sequence[str] | None = None,
 ) -> None:
-    """Runs every trained row of one dataset for each seed, skipping runs already in ``runs``."""
+    """Runs the trained rows of one dataset (``methods``, default all) for each seed, skipping finished runs."""
+    if dataset == "ebhi-hgin-polyp-imbalanced":
+        make_imbalanced_variant(SHARED_DATA, IMBALANCED_DATA, "HGIN")
     project = workspace / dataset / "project"
     if not (project / ".dvc").is_dir():
         shutil.rmtree(project, ignore_errors=True)
         make_project(project, PROJECT_ROOT / "params.yaml")
     code = sync_code(project)
     for seed in seeds:
-        for method in ("weakseg", "fully_supervised", "paper"):
+        for method in DATASET_METHODS[dataset]:
+            if methods is not None and method not in methods:
+                continue
             key = f"{dataset}/{method}/{seed}"
             params = method_params(dataset, method, seed)
             if key in runs and runs[key].get("params") == params and runs[key].get("code") == code:
@@ -354,11 +447,14 @@ def machine() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs (or resumes) the benchmark, writes the results and the README table, and checks the floor."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="*", default=["demo", "ebhi-hgin-polyp"])
+    parser.add_argument("--datasets", nargs="*", default=list(DATASET_METHODS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--methods", nargs="*", default=None, help="run only these trained rows (the table keeps every finished run)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from the finished runs")
     arguments = parser.parse_args(argv)
-    datasets = [name for name in arguments.datasets if name != "ebhi-hgin-polyp" or SHARED_DATA.is_dir()]
+    datasets = [name for name in arguments.datasets if not name.startswith("ebhi-hgin-polyp") or SHARED_DATA.is_dir()]
     runs_file = WORKSPACE / "runs.json"
     runs = _load_runs(runs_file)
 
@@ -375,7 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not arguments.report_only:
         for dataset in datasets:
-            run_dataset(dataset, arguments.seeds, runs, lambda: (_save_runs(runs_file, runs), report()))
+            run_dataset(
+                dataset, arguments.seeds, runs, lambda: (_save_runs(runs_file, runs), report()), methods=arguments.methods
+            )
     failures = report()
     for failure in failures:
         print(f"quality check failed: {failure}", file=sys.stderr)

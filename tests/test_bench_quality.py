@@ -92,9 +92,53 @@ def test_a_resumed_benchmark_runs_only_what_is_missing(tmp_path: Path, monkeypat
     runs: dict[str, Any] = {
         "demo/weakseg/0": {"params": bench_quality.method_params("demo", "weakseg", 0), "code": "code-1", "seconds": 9.0}
     }
+    bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path, methods=["weakseg", "paper"])
+    assert ran == ["pseudo"]  # paper only: weakseg was finished, the other rows were not asked for
     bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
-    assert ran == ["truth", "pseudo"]  # fully_supervised and paper; weakseg was finished
+    rows = len(bench_quality.DATASET_METHODS["demo"])
+    assert ran[1] == "truth" and len(ran) == rows - 1  # every row but the finished weakseg and paper
     assert runs["demo/weakseg/0"]["seconds"] == 9.0
     monkeypatch.setattr(bench_quality, "sync_code", lambda project: "code-2")  # new code: everything again
     bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
-    assert len(ran) == 5
+    assert len(ran) == 2 * rows - 1
+
+
+def test_imbalanced_variant_keeps_one_negative_train_tile_per_ratio_positives_and_every_test_tile(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "source"
+    (source / "images").mkdir(parents=True)
+    rows = [("p%d.png" % index, "HGIN", "train") for index in range(20)]
+    rows += [("n%d.png" % index, "Polyp", "train") for index in range(30)]
+    rows += [("t%d.png" % index, "Polyp" if index % 2 else "HGIN", "test") for index in range(6)]
+    for name, _, _ in rows:
+        (source / "images" / name).write_bytes(name.encode())
+    lines = ["Image Name,Majority Vote Label,Partition"] + [",".join(row) for row in rows]
+    (source / "annotations.csv").write_text("\n".join(lines) + "\n")
+
+    destination = bench_quality.make_imbalanced_variant(source, tmp_path / "variant", "HGIN", ratio=10, seed=0)
+    kept = (destination / "annotations.csv").read_text().splitlines()[1:]
+    train_negatives = [line for line in kept if line.endswith(",Polyp,train")]
+    assert len(train_negatives) == 2  # 20 positives / 10
+    assert sum(line.endswith(",HGIN,train") for line in kept) == 20
+    assert sum(line.endswith(",test") for line in kept) == 6
+    assert sorted(path.name for path in (destination / "images").iterdir()) == sorted(
+        line.split(",")[0] for line in kept
+    )
+    assert (destination / "images" / "p3.png").read_bytes() == b"p3.png"  # a link to the source tile
+    again = bench_quality.make_imbalanced_variant(source, tmp_path / "other", "HGIN", ratio=10, seed=0)
+    assert (again / "annotations.csv").read_text() == (destination / "annotations.csv").read_text()
+
+
+def test_ablation_rows_change_only_their_component() -> None:
+    paper = bench_quality.method_params("demo", "paper", 0)
+    without_crf = bench_quality.method_params("demo", "paper_without_crf", 0)
+    assert without_crf["refine"]["crf"]["enabled"] is False
+    without_crf["refine"]["crf"]["enabled"] = paper["refine"]["crf"]["enabled"]
+    assert without_crf == paper
+    weak = bench_quality.method_params("demo", "weakseg", 0)
+    losses = bench_quality.method_params("demo", "weakseg_with_tile_label_losses", 0)
+    assert losses["segmenter"]["loss"]["multiple_instance"] > 0 and losses["segmenter"]["loss"]["size"] > 0
+    assert {key: value for key, value in losses.items() if key != "segmenter"} == {
+        key: value for key, value in weak.items() if key != "segmenter"
+    }

@@ -1,4 +1,4 @@
-"""Tests of the params.yaml schema (weakseg/params.py) and of how a stage reacts to bad params."""
+"""Tests of the params.yaml schema (weakseg/params/) and of how a stage reacts to bad params."""
 
 from __future__ import annotations
 
@@ -137,6 +137,13 @@ def test_frozen_epochs_after_full_epoch_is_refused_naming_the_key() -> None:
     with pytest.raises(ParamsError, match=r"classifier\.unfreeze\.full_epoch: must be >= frozen_epochs \(8\)"):
         parse_params(_classifier(25, 8, 7), "params.yaml")
     parse_params(_classifier(25, 8, 7, enabled=False))
+
+
+def test_size_bounds_out_of_order_are_refused_naming_the_key() -> None:
+    raw = _project_params()
+    raw["segmenter"]["loss"] = {**raw["segmenter"].get("loss", {}), "size_lower": 0.8, "size_upper": 0.5}
+    with pytest.raises(ParamsError, match=r"segmenter\.loss\.size_lower: must be <= segmenter\.loss\.size_upper"):
+        parse_params(raw, "params.yaml")
 
 
 def test_paper_preset_trains_every_group_well_before_the_end() -> None:

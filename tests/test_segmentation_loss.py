@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
 
-from weakseg.losses.segmentation import SegmentationLoss
-from weakseg.params import SegmenterLossParams
+from weakseg.losses.constraints import multiple_instance_loss, size_constraint_loss
+from weakseg.losses.segmentation import IGNORE_INDEX, SegmentationLoss, SegmentationLossWeights, label_region
 
 SIZE = 8
 
@@ -26,7 +26,7 @@ def _square_mask(batch: int, positive: list[bool]) -> torch.Tensor:
 def test_perfect_prediction_has_near_zero_mask_loss() -> None:
     masks = _square_mask(2, [True, False])
     logits = (masks * 2.0 - 1.0) * 20.0  # confident and right everywhere
-    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.0))
+    loss = SegmentationLoss(SegmentationLossWeights(dice=1.0, lovasz=0.5, classification=0.0))
     terms = loss.terms(logits, torch.zeros(2, 1), masks, torch.tensor([1.0, 0.0]))
     assert float(terms.dice) < 1e-6
     assert float(terms.lovasz) == pytest.approx(0.0, abs=1e-6)
@@ -39,7 +39,7 @@ def test_total_is_the_weighted_sum_of_smp_terms() -> None:
     label_logits = torch.randn(3, 1, generator=generator)
     masks = _square_mask(3, [True, True, False])
     labels = torch.tensor([1.0, 1.0, 0.0])
-    weights = SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.2)
+    weights = SegmentationLossWeights(dice=1.0, lovasz=0.5, classification=0.2)
     terms = SegmentationLoss(weights).terms(logits, label_logits, masks, labels)
     expected_bce = F.binary_cross_entropy_with_logits(label_logits.reshape(-1), labels)
     assert float(terms.classification) == pytest.approx(float(expected_bce), rel=1e-6)
@@ -56,7 +56,7 @@ def test_total_is_the_weighted_sum_of_smp_terms() -> None:
 def test_all_negative_batch_has_finite_loss_pushing_towards_background() -> None:
     masks = torch.zeros(4, 1, SIZE, SIZE)
     logits = torch.full((4, 1, SIZE, SIZE), 0.5, requires_grad=True)  # mild false positives everywhere
-    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.0, classification=0.0))
+    loss = SegmentationLoss(SegmentationLossWeights(dice=1.0, lovasz=0.0, classification=0.0))
     terms = loss.terms(logits, torch.zeros(4, 1), masks, torch.zeros(4))
     assert math.isfinite(float(terms.total.detach()))
     assert float(terms.dice.detach()) > 0.1
@@ -70,7 +70,7 @@ def test_all_negative_batch_has_finite_loss_pushing_towards_background() -> None
 
 def test_all_negative_dice_term_shrinks_as_predictions_empty() -> None:
     masks = torch.zeros(2, 1, SIZE, SIZE)
-    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.0, classification=0.0))
+    loss = SegmentationLoss(SegmentationLossWeights(dice=1.0, lovasz=0.0, classification=0.0))
     values = [
         float(loss(torch.full((2, 1, SIZE, SIZE), level), torch.zeros(2, 1), masks, torch.zeros(2)))
         for level in (2.0, 0.0, -2.0, -10.0)
@@ -82,7 +82,7 @@ def test_all_negative_dice_term_shrinks_as_predictions_empty() -> None:
 def test_negative_tile_in_mixed_batch_gets_gradient() -> None:
     masks = _square_mask(2, [True, False])
     logits = torch.zeros(2, 1, SIZE, SIZE, requires_grad=True)
-    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.0))
+    loss = SegmentationLoss(SegmentationLossWeights(dice=1.0, lovasz=0.5, classification=0.0))
     loss(logits, torch.zeros(2, 1), masks, torch.tensor([1.0, 0.0])).backward()
     assert logits.grad is not None
     assert float(logits.grad[1].abs().sum()) > 0.0
@@ -93,7 +93,7 @@ def test_classification_weight_scales_gradient_of_head() -> None:
     masks = _square_mask(2, [True, False])
     logits = torch.zeros(2, 1, SIZE, SIZE)
     label_logits = torch.zeros(2, 1, requires_grad=True)
-    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.2))
+    loss = SegmentationLoss(SegmentationLossWeights(dice=1.0, lovasz=0.5, classification=0.2))
     loss(logits, label_logits, masks, torch.tensor([1.0, 0.0])).backward()
     assert label_logits.grad is not None
     # d/dz of 0.2 * mean BCE at z=0 is 0.2 * (0.5 - y) / 2.
@@ -128,7 +128,7 @@ def test_ignored_pixels_are_left_out_and_nothing_changes_without_them(positive: 
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 1, SIZE, SIZE, generator=generator)
     masks = _square_mask(3, positive)
-    loss = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.5, classification=0.0))
+    loss = SegmentationLoss(SegmentationLossWeights(dice=1.0, lovasz=0.5, classification=0.0))
 
     plain_logits = logits.clone().requires_grad_(True)
     terms = loss.terms(plain_logits, torch.zeros(3, 1), masks, torch.zeros(3))
@@ -161,9 +161,38 @@ def test_a_batch_whose_only_foreground_label_is_ignored_uses_the_background_dice
     targets, kept = _with_band(torch.zeros(2, 1, SIZE, SIZE))
     logits = torch.full((2, 1, SIZE, SIZE), 0.5)
     logits[~kept] = 5.0  # confident "lesion" on the band, which must not count
-    terms = SegmentationLoss(SegmenterLossParams(dice=1.0, lovasz=0.0, classification=0.0)).terms(
+    terms = SegmentationLoss(SegmentationLossWeights(dice=1.0, lovasz=0.0, classification=0.0)).terms(
         logits, torch.zeros(2, 1), targets, torch.zeros(2)
     )
     probabilities = torch.sigmoid(logits[kept])
     expected = probabilities.sum() / (2 * probabilities.numel() - probabilities.sum())
     assert float(terms.dice) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_label_region_is_the_not_background_pixels_of_positives_and_everything_of_negatives() -> None:
+    targets = torch.tensor([[[1, 0], [IGNORE_INDEX, 0]], [[0, 0], [0, 0]]], dtype=torch.float32)
+    region = label_region(targets, torch.tensor([1.0, 0.0]))
+    assert region.tolist() == [[[True, False], [True, False]], [[True, True], [True, True]]]
+
+
+def test_tile_label_terms_add_their_weighted_values_and_default_to_nothing() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, SIZE, SIZE, generator=generator)
+    masks = torch.zeros(2, 1, SIZE, SIZE)
+    masks[0, 0, 1:7, 1:7] = IGNORE_INDEX  # a positive tile whose tissue is all ignored
+    masks[0, 0, 3:5, 3:5] = 1.0
+    labels = torch.tensor([1.0, 0.0])
+    label_logits = torch.zeros(2, 1)
+    plain = SegmentationLoss(SegmentationLossWeights()).terms(logits, label_logits, masks, labels)
+    assert plain.multiple_instance.item() == 0.0 and plain.size.item() == 0.0
+    weights = SegmentationLossWeights(
+        multiple_instance=0.7, multiple_instance_top_fraction=0.25, size=2.0, size_lower=0.6, size_upper=0.9
+    )
+    terms = SegmentationLoss(weights).terms(logits, label_logits, masks, labels)
+    region = label_region(masks, labels)
+    expected_mil = multiple_instance_loss(logits, region, labels, 0.25)
+    expected_size = size_constraint_loss(logits, region, labels, 0.6, 0.9)
+    assert expected_size.item() > 0  # random logits give a size near 0.5, under the lower bound
+    assert torch.isclose(terms.multiple_instance, expected_mil)
+    assert torch.isclose(terms.size, expected_size)
+    assert torch.isclose(terms.total, plain.total + 0.7 * expected_mil + 2.0 * expected_size)

@@ -231,6 +231,22 @@ def test_best_checkpoint_and_early_stopping(monkeypatch: pytest.MonkeyPatch) -> 
     assert not torch.equal(result.best_state_dict[first_key], weights_seen[3])
 
 
+def test_selection_by_loss_keeps_the_lowest_validation_loss_whatever_the_iou(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``selection_metric: loss`` (targets without validation foreground): IoU is ignored, the lowest loss wins."""
+    scripted = iter([(0.9, 3.0), (0.1, 1.0), (0.8, 2.0)])
+
+    def fake_validate(*args: object, **kwargs: object) -> loop.ValidationResult:
+        iou, loss = next(scripted)
+        counts = PixelCounts(true_positive=int(round(iou * 100)), false_positive=100 - int(round(iou * 100)))
+        return loop.ValidationResult(counts=counts, loss_sum=loss, tiles=1)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    params = SegmenterParams(**{**TINY_SEGMENTER, "epochs": 3, "batch_size": 2, "selection_metric": "loss"})
+    result = loop.train_segmenter(_tiny_data(4, 0), _tiny_data(2, 1), params, seed=0, device=torch.device("cpu"))
+    assert result.best_epoch == 2
+    assert result.best_metrics["val_loss"] == pytest.approx(1.0)
+
+
 def test_early_stopping_waits_for_the_positive_only_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
     scripted_iou = iter([0.5, 0.1, 0.1, 0.1, 0.1])
 
@@ -400,7 +416,7 @@ def test_validation_counts_leave_ignored_pixels_out() -> None:
     masks[:, 2:4] = 255
     dataset = TileDataset(np.zeros((2, 8, 8, 3), dtype=np.uint8), [True, True], masks, None)
     loader = loop.batch_loader(dataset, [[0, 1]], num_workers=0)
-    loss = loop.SegmentationLoss(SegmenterParams(**TINY_SEGMENTER).loss)
+    loss = loop.SegmentationLoss(loop.SegmentationLossWeights(**SegmenterParams(**TINY_SEGMENTER).loss.model_dump()))
     result = loop.validate(_EverywhereLesion(), loader, loss, torch.device("cpu"), mixed_precision=False)
     assert result.counts == PixelCounts(true_positive=32, false_positive=64, false_negative=0, true_negative=0)
     assert result.counts.iou == pytest.approx(32 / 96)

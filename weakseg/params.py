@@ -310,6 +310,26 @@ class SegmenterLossParams(_Strict):
     dice: float = Field(1.0, ge=0.0)
     lovasz: float = Field(0.5, ge=0.0)
     classification: float = Field(0.2, ge=0.0)
+    multiple_instance: float = Field(
+        0.0, ge=0.0, description="Weight of the multiple-instance term: BCE of each tile's top-fraction pooled "
+        "logit against its label (0: off)."
+    )
+    multiple_instance_top_fraction: float = Field(0.2, gt=0.0, le=1.0)
+    size: float = Field(
+        0.0, ge=0.0, description="Weight of the size constraint: a positive tile's predicted foreground "
+        "fraction of its not-background pixels is kept in [size_lower, size_upper] (0: off)."
+    )
+    size_lower: float = Field(0.0, ge=0.0, le=1.0)
+    size_upper: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _size_bounds_in_order(self) -> "SegmenterLossParams":
+        if self.size_lower > self.size_upper:
+            raise _key_error(
+                "SegmenterLossParams", ("size_lower",), self.size_lower,
+                f"must be <= segmenter.loss.size_upper ({self.size_upper})",
+            )
+        return self
 
 
 class CurriculumParams(_Strict):
@@ -351,6 +371,10 @@ class SegmenterParams(_Strict):
     curriculum: CurriculumParams = CurriculumParams()
     augment: AugmentParams = AugmentParams()
     early_stopping_patience: int = Field(10, ge=1)
+    selection_metric: Literal["iou", "loss"] = Field(
+        "iou", description="The validation score that picks the best epoch: pooled IoU against the validation "
+        "targets, or the validation loss (for targets with no foreground pixel)."
+    )
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = Field(False, description="bf16 autocast (CUDA, or a CPU with native bf16).")

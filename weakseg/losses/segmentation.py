@@ -17,6 +17,12 @@ Target pixels equal to :data:`IGNORE_INDEX` (the pseudo-masks' uncertain band, `
 take no part in either mask term: both smp losses get ``ignore_index``, and a batch counts as having no
 foreground when none of its non-ignored pixels is foreground. Without an ignored pixel every term is
 bit-identical to the same losses without ``ignore_index``.
+
+Two optional terms train from the tile label itself (:mod:`weakseg.losses.constraints`): a
+multiple-instance term and a size constraint on positive tiles. Their region is each tile's pixels not
+known to be background: on a positive tile its foreground and ignored pixels (the tissue, when the
+pseudo-masks mark all of it foreground or ignored), on a negative tile every pixel. With both weights 0
+(the default) the loss is exactly Dice + Lovasz + BCE.
 """
 
 from __future__ import annotations
@@ -28,10 +34,24 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
 from torch import nn
 
-from weakseg.params import SegmenterLossParams
+from weakseg.losses.constraints import multiple_instance_loss, size_constraint_loss
 
 # The target value of a pixel that no mask term sees (uint8 masks: 0 background, 1 foreground, 255 ignored).
 IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class SegmentationLossWeights:
+    """The weight of each term, and the settings of the two tile-label terms (``segmenter.loss``)."""
+
+    dice: float = 1.0
+    lovasz: float = 0.5
+    classification: float = 0.2
+    multiple_instance: float = 0.0
+    multiple_instance_top_fraction: float = 0.2
+    size: float = 0.0
+    size_lower: float = 0.0
+    size_upper: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,16 +62,33 @@ class SegmentationLossTerms:
     dice: torch.Tensor
     lovasz: torch.Tensor
     classification: torch.Tensor
+    multiple_instance: torch.Tensor
+    size: torch.Tensor
+
+
+def label_region(target_masks: torch.Tensor, target_labels: torch.Tensor) -> torch.Tensor:
+    """The pixels each tile's label speaks about: not known background on a positive tile, all on a negative.
+
+    Args:
+        target_masks: ``(N, ...)`` targets in {0, 1, :data:`IGNORE_INDEX`}.
+        target_labels: ``(N,)`` tile labels in {0, 1}.
+
+    Returns:
+        A boolean tensor shaped like ``target_masks``.
+    """
+    negative = (target_labels.reshape(-1) < 0.5).reshape(-1, *([1] * (target_masks.dim() - 1)))
+    return (target_masks != 0) | negative
 
 
 class SegmentationLoss(nn.Module):
-    """``dice * Dice + lovasz * Lovasz`` on mask logits plus ``classification * BCE`` on tile logits.
+    """``dice * Dice + lovasz * Lovasz`` on mask logits plus ``classification * BCE`` on tile logits,
+    plus, when weighted, the multiple-instance and size-constraint terms.
 
     Args:
-        weights: the three term weights (``segmenter.loss`` in params.yaml).
+        weights: the term weights (``segmenter.loss`` in params.yaml).
     """
 
-    def __init__(self, weights: SegmenterLossParams) -> None:
+    def __init__(self, weights: SegmentationLossWeights) -> None:
         super().__init__()
         self.weights = weights
         # Batch-pooled (smp's binary default), so a mixed batch scores negatives' false positives too.
@@ -93,7 +130,27 @@ class SegmentationLoss(nn.Module):
         total = (
             self.weights.dice * dice + self.weights.lovasz * lovasz + self.weights.classification * classification
         )
-        return SegmentationLossTerms(total=total, dice=dice, lovasz=lovasz, classification=classification)
+        multiple_instance = size = torch.zeros((), dtype=total.dtype, device=total.device)
+        if self.weights.multiple_instance > 0 or self.weights.size > 0:
+            region = label_region(target_masks, target_labels)
+            if self.weights.multiple_instance > 0:
+                multiple_instance = multiple_instance_loss(
+                    mask_logits, region, target_labels, self.weights.multiple_instance_top_fraction
+                )
+                total = total + self.weights.multiple_instance * multiple_instance
+            if self.weights.size > 0:
+                size = size_constraint_loss(
+                    mask_logits, region, target_labels, self.weights.size_lower, self.weights.size_upper
+                )
+                total = total + self.weights.size * size
+        return SegmentationLossTerms(
+            total=total,
+            dice=dice,
+            lovasz=lovasz,
+            classification=classification,
+            multiple_instance=multiple_instance,
+            size=size,
+        )
 
     def forward(
         self,

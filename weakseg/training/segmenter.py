@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from tqdm import tqdm
 
 from weakseg.errors import UserInputError
-from weakseg.losses.segmentation import IGNORE_INDEX, SegmentationLoss
+from weakseg.losses.segmentation import IGNORE_INDEX, SegmentationLoss, SegmentationLossWeights
 from weakseg.metrics import PixelCounts, ThresholdCalibration, calibrate_threshold
 from weakseg.models import build_segmenter
 from weakseg.params import SegmenterParams
@@ -328,8 +328,10 @@ def train_segmenter(
 ) -> SegmenterTrainingResult:
     """Trains DeepLabv3+ with the curriculum and keeps the epoch of best validation IoU.
 
-    Model selection: the foreground IoU at 0.5 pooled over every validation pixel (negative tiles
-    included); a later epoch replaces the best only if its IoU is strictly higher. Early stopping ends
+    Model selection (``params.selection_metric``): the foreground IoU at 0.5 pooled over every validation
+    pixel (negative tiles included), or the validation loss, for targets that mark no validation pixel
+    foreground (positive tiles all ignored, the tile-label terms doing the work); a later epoch replaces
+    the best only if it is strictly better. Early stopping ends
     the run after ``early_stopping_patience`` epochs without improvement, but never during the
     positive-only epochs, whose models have not yet seen a negative tile.
 
@@ -371,7 +373,7 @@ def train_segmenter(
         # own dropout masks: seeded alike, every rank would drop the same channels of its tiles.
         torch.manual_seed(worker_seed(seed, 1_000 + distributed.rank))
     optimizer = build_optimizer(model, params.optimizer, params.lr, params.momentum, params.weight_decay)
-    loss_function = SegmentationLoss(params.loss)
+    loss_function = SegmentationLoss(SegmentationLossWeights(**params.loss.model_dump()))
     augmentation = build_augmentation(params.augment, seed)
     train_dataset = _EpochSeededDataset(train.images, train.positives, train.masks, augmentation)
     validation_dataset = TileDataset(validation.images, validation.positives, validation.masks, None)
@@ -385,7 +387,7 @@ def train_segmenter(
     ]
     validation_loader = batch_loader(validation_dataset, validation_batches, params.num_workers)
 
-    best_iou = -math.inf
+    best_score = -math.inf
     best_epoch = 0
     best_metrics: dict[str, float] = {}
     best_state: dict[str, torch.Tensor] = {}
@@ -442,8 +444,10 @@ def train_segmenter(
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        if result.counts.iou > best_iou:
-            best_iou, best_epoch = result.counts.iou, epoch
+        # Higher is better for both: IoU, or the negated validation loss (targets without any foreground).
+        selection_score = result.counts.iou if params.selection_metric == "iou" else -result.loss
+        if selection_score > best_score:
+            best_score, best_epoch = selection_score, epoch
             best_metrics = {
                 "val_iou": result.counts.iou,
                 "val_dice": result.counts.dice,
