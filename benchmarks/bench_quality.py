@@ -17,7 +17,8 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
   segmenter with the classification gate) and ``weakseg_classifier_gated`` (weakseg with it);
 - trained ablation rows (:data:`ABLATIONS`), the ladder from the paper's chain to the default, one
   component at a time: ``paper_without_crf``, then the ignore band (= ``weakseg``), then the tile-label
-  losses (``weakseg_with_tile_label_losses``).
+  losses (``weakseg_with_tile_label_losses``); on the imbalanced variant, ``weakseg`` without its negative
+  oversampling (``weakseg_without_negative_oversampling``).
 
 ``ebhi-hgin-polyp-imbalanced`` is EBHI with most negative *train* tiles dropped (10 positives to 1
 negative, a seeded choice; :func:`make_imbalanced_variant`, links in the workspace, nothing copied into
@@ -96,11 +97,13 @@ TRAINED_ROWS = {
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
     "weakseg": "the default method (ignore band, no CRF, balanced classifier), tile labels only",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
+    "weakseg_without_negative_oversampling": "ablation: weakseg without repeating the scarce negative tiles",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
 # Trained ablation rows: (the row it changes, the dotted params it sets).
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper_without_crf": ("paper", {"refine.crf.enabled": False}),
+    "weakseg_without_negative_oversampling": ("weakseg", {"segmenter.curriculum.oversample_negatives": False}),
     "weakseg_with_tile_label_losses": (
         "weakseg",
         {
@@ -116,7 +119,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 DATASET_METHODS = {
     "demo": ("weakseg", "fully_supervised", "paper", "paper_without_crf", "weakseg_with_tile_label_losses"),
     "ebhi-hgin-polyp": ("weakseg", "fully_supervised", "paper", "paper_without_crf"),
-    "ebhi-hgin-polyp-imbalanced": ("weakseg", "fully_supervised"),
+    "ebhi-hgin-polyp-imbalanced": ("weakseg", "weakseg_without_negative_oversampling", "fully_supervised"),
 }
 IMBALANCED_RATIO = 10  # positive train tiles per negative train tile in the imbalanced variant
 IMBALANCED_DATA = WORKSPACE / "ebhi-hgin-polyp-imbalanced" / "data"
@@ -131,6 +134,7 @@ ROW_ORDER = [
     "weakseg",
     "weakseg_classifier_gated",
     "weakseg_with_tile_label_losses",
+    "weakseg_without_negative_oversampling",
     "fully_supervised",
 ]
 

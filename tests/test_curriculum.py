@@ -66,7 +66,9 @@ def test_a_start_probability_lifts_the_ramp_and_one_to_one_is_no_curriculum() ->
 
     ramp = CurriculumParams(positive_only_epochs=2, start_negative_probability=0.5, final_negative_probability=1.0)
     assert [negative_probability(epoch, 6, ramp) for epoch in range(1, 7)] == [0.0, 0.0, 0.625, 0.75, 0.875, 1.0]
-    everything = CurriculumParams(positive_only_epochs=0, start_negative_probability=1.0, final_negative_probability=1.0)
+    everything = CurriculumParams(
+        positive_only_epochs=0, start_negative_probability=1.0, final_negative_probability=1.0
+    )
     labels = np.array([True, False, False, True, False])
     for epoch in range(1, 4):
         assert negative_probability(epoch, 3, everything) == 1.0
@@ -74,3 +76,32 @@ def test_a_start_probability_lifts_the_ramp_and_one_to_one_is_no_curriculum() ->
     # The default start (0) keeps the original ramp: final * (e - K) / (epochs - K).
     default = CurriculumParams(positive_only_epochs=1, final_negative_probability=0.3)
     assert negative_probability(3, 4, default) == 0.3 * 2 / 3
+
+
+def test_oversampling_repeats_negatives_by_the_set_ratio_only_when_they_are_fewer() -> None:
+    every_tile = {"positive_only_epochs": 0, "start_negative_probability": 1.0, "final_negative_probability": 1.0}
+    labels = np.array([True] * 10 + [False] * 2)
+    plain = epoch_indices(labels, 3, 5, CurriculumParams(**every_tile), seed=7)
+    balanced = epoch_indices(labels, 3, 5, CurriculumParams(**every_tile, oversample_negatives=True), seed=7)
+    assert sorted(plain.tolist()) == list(range(12))
+    assert labels[balanced].sum() == 10 and (~labels[balanced]).sum() == 10  # 2 drawn + 2 * (10 / 2 - 1) copies
+    assert set(balanced[~labels[balanced]].tolist()) == {10, 11}
+    again = epoch_indices(labels, 3, 5, CurriculumParams(**every_tile, oversample_negatives=True), seed=7)
+    assert np.array_equal(balanced, again)
+
+    negative_heavy = np.array([True] * 3 + [False] * 9)
+    ramp = {"positive_only_epochs": 1, "final_negative_probability": 0.5}
+    for epoch in (1, 2, 5):  # few negatives drawn early in the ramp, but the set is rich in them: no copies
+        assert np.array_equal(
+            epoch_indices(negative_heavy, epoch, 5, CurriculumParams(**ramp), seed=1),
+            epoch_indices(negative_heavy, epoch, 5, CurriculumParams(**ramp, oversample_negatives=True), seed=1),
+        )
+
+
+def test_oversampling_keeps_the_curriculum_share_and_adds_nothing_in_positive_only_epochs() -> None:
+    labels = np.array([True] * 40 + [False] * 10)
+    curriculum = CurriculumParams(positive_only_epochs=2, final_negative_probability=0.5, oversample_negatives=True)
+    assert sorted(epoch_indices(labels, 1, 6, curriculum, seed=0).tolist()) == list(range(40))
+    last = epoch_indices(labels, 6, 6, curriculum, seed=0)
+    drawn = len(set(last[~labels[last]].tolist()))
+    assert (~labels[last]).sum() == drawn * 4  # each drawn negative counts 40 / 10 times

@@ -341,6 +341,11 @@ class CurriculumParams(_Strict):
         "positive_only_epochs); start = final = 1 trains on every tile in every epoch."
     )
     final_negative_probability: float = Field(0.3, ge=0.0, le=1.0)
+    oversample_negatives: bool = Field(
+        False,
+        description="When the training set holds fewer negative tiles than positive ones, repeat each epoch's "
+        "drawn negatives (seeded, with replacement) by the ratio positives / negatives.",
+    )
 
 
 class SegmenterParams(_Strict):

@@ -69,7 +69,34 @@ def epoch_indices(
     # Drawn for every negative even at p = 0, so the stream (and any later draw) does not shift with p.
     included_negatives = generator.random(labels.size) < probability
     chosen = np.flatnonzero(labels | (~labels & included_negatives))
+    if curriculum.oversample_negatives:
+        chosen = np.concatenate([chosen, negative_repeats(labels, chosen, seed, epoch)])
     return chosen[generator.permutation(chosen.size)].astype(np.int64)
+
+
+def negative_repeats(labels: np.ndarray, chosen: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Extra copies of an epoch's negative tiles when the training set holds fewer negatives than positives.
+
+    A set with many more positive than negative tiles (10:1, say) would otherwise teach the segmenter mostly
+    "lesion", and its few negative tiles are the only pixel labels of normal tissue. The epoch's drawn
+    negatives are topped up by ``(positives / negatives - 1)`` times their number (rounded), so the
+    curriculum's share of negatives is kept, relative to a set as rich in negatives as in positives. Empty
+    when the set has at least as many negatives as positives, or the epoch drew none. The copies are a
+    seeded draw with replacement from the epoch's negatives, from a stream of their own
+    (``[seed, epoch, 1]``), so an epoch that needs none is exactly what it was without the option.
+
+    Args:
+        labels: per tile of the training set, whether it is positive.
+        chosen: the epoch's tiles before repeats.
+        seed: the run's seed.
+        epoch: the epoch, from 1.
+    """
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    drawn_negatives = chosen[~labels[chosen]]
+    if negatives == 0 or positives <= negatives or drawn_negatives.size == 0:
+        return np.zeros(0, dtype=chosen.dtype)
+    missing = int(round(drawn_negatives.size * (positives / negatives - 1.0)))
+    return np.random.default_rng([seed, epoch, 1]).choice(drawn_negatives, size=missing, replace=True)
 
 
 def shard_indices(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
