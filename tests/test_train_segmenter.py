@@ -341,6 +341,7 @@ def test_the_ignored_band_moves_with_its_pixels_under_augmentation(tmp_path: Pat
     """Pseudo-mask PNG (0/128/255) -> training targets 0/1/255 -> flips and rotations: every target pixel,
     the ignored label included, stays under the image pixel it was drawn for."""
     from weakseg.io import pseudo_mask_pixels
+    from weakseg.models import IMAGENET_MEAN, IMAGENET_STD
     from weakseg.training.datasets import load_pseudo_masks
 
     size = 16
@@ -353,7 +354,7 @@ def test_the_ignored_band_moves_with_its_pixels_under_augmentation(tmp_path: Pat
     image[..., 0] = np.arange(size * size).reshape(size, size)  # each pixel's red value is its index
     augmentation = build_augmentation(AugmentParams(flips=True, rotate90=True, color_jitter=0.0, hue_jitter=0.0), 0)
     dataset = TileDataset(image[None], [True], targets, augmentation)
-    mean, std = dataset._mean[0], dataset._std[0]
+    mean, std = np.float32(IMAGENET_MEAN[0]) * 255.0, np.float32(IMAGENET_STD[0]) * 255.0  # tile_to_tensor's
     moved = 0
     for seed in range(12):
         dataset.set_augmentation_seed(seed)
