@@ -40,7 +40,6 @@ classifier-gated trivial baseline's on a dataset, or the fully supervised refere
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -58,6 +57,7 @@ import torch
 import yaml
 
 from tools.project_copy import PROJECT_ROOT, dvc, make_project
+from weakseg.data.layout import partition, read_annotations, write_annotations
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data" / "ebhi-hgin-polyp"
 WORKSPACE = PROJECT_ROOT / ".bench" / "quality"
@@ -193,30 +193,21 @@ def make_imbalanced_variant(
     """
     if (destination / "annotations.csv").is_file():
         return destination
-    with (source / "annotations.csv").open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields = list(reader.fieldnames or [])
-        rows = list(reader)
-    train = [row for row in rows if row["Partition"] == "train"]
-    positives = sum(row["Majority Vote Label"] == positive_label for row in train)
-    negatives = [row["Image Name"] for row in train if row["Majority Vote Label"] != positive_label]
+    tiles = read_annotations(source / "annotations.csv", positive_label)
+    train = partition(tiles, "train")
+    positives = sum(tile.positive for tile in train)
+    negatives = [tile.name for tile in train if not tile.positive]
     keep = set(random.Random(seed).sample(negatives, min(len(negatives), max(1, positives // ratio))))
-    kept = [
-        row
-        for row in rows
-        if row["Partition"] != "train" or row["Majority Vote Label"] == positive_label or row["Image Name"] in keep
-    ]
+    kept = [tile for tile in tiles if tile.partition != "train" or tile.positive or tile.name in keep]
     temporary = destination.with_name(destination.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
     for folder in ("images", "masks"):
         if (source / folder).is_dir():
-            (temporary / folder).mkdir(parents=True)
-            for row in kept:
-                (temporary / folder / row["Image Name"]).symlink_to((source / folder / row["Image Name"]).resolve())
-    with (temporary / "annotations.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
+            (temporary / folder).mkdir()
+            for tile in kept:
+                (temporary / folder / tile.name).symlink_to((source / folder / tile.name).resolve())
+    write_annotations(temporary / "annotations.csv", kept)
     shutil.rmtree(destination, ignore_errors=True)
     os.replace(temporary, destination)
     return destination
