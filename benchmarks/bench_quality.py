@@ -97,12 +97,19 @@ TRAINED_ROWS = {
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
     "weakseg": "the default method (ignore band, no CRF, balanced classifier, scarce negatives repeated), tile labels only",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
+    "weakseg_cam_layer4": "ablation: weakseg with the CAM on layer4 (the paper's layer, weakseg's default before layer3)",
+    "weakseg_with_background_seeds": "ablation: weakseg + background seeds (the lowest 20 % of a positive tile's CAM; foreground: the top 40 %)",
     "weakseg_without_negative_oversampling": "ablation: weakseg without repeating the scarce negative tiles",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
 # Trained ablation rows: (the row it changes, the dotted params it sets).
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper_without_crf": ("paper", {"refine.crf.enabled": False}),
+    "weakseg_cam_layer4": ("weakseg", {"cam.target_layer": "layer4"}),
+    "weakseg_with_background_seeds": (
+        "weakseg",
+        {"refine.background_quantile": 0.2, "refine.threshold_quantile": 0.6},
+    ),
     "weakseg_without_negative_oversampling": ("weakseg", {"segmenter.curriculum.oversample_negatives": False}),
     "weakseg_with_tile_label_losses": (
         "weakseg",
@@ -117,9 +124,29 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Which trained rows each dataset runs (the imbalanced variant tests the default's robustness only).
 DATASET_METHODS = {
-    "demo": ("weakseg", "fully_supervised", "paper", "paper_without_crf", "weakseg_with_tile_label_losses"),
-    "ebhi-hgin-polyp": ("weakseg", "fully_supervised", "paper", "paper_without_crf"),
-    "ebhi-hgin-polyp-imbalanced": ("weakseg", "weakseg_without_negative_oversampling", "fully_supervised"),
+    "demo": (
+        "weakseg",
+        "fully_supervised",
+        "paper",
+        "paper_without_crf",
+        "weakseg_cam_layer4",
+        "weakseg_with_background_seeds",
+        "weakseg_with_tile_label_losses",
+    ),
+    "ebhi-hgin-polyp": (
+        "weakseg",
+        "fully_supervised",
+        "paper",
+        "paper_without_crf",
+        "weakseg_cam_layer4",
+        "weakseg_with_background_seeds",
+    ),
+    "ebhi-hgin-polyp-imbalanced": (
+        "weakseg",
+        "weakseg_cam_layer4",
+        "weakseg_without_negative_oversampling",
+        "fully_supervised",
+    ),
 }
 IMBALANCED_RATIO = 10  # positive train tiles per negative train tile in the imbalanced variant
 IMBALANCED_DATA = WORKSPACE / "ebhi-hgin-polyp-imbalanced" / "data"
@@ -133,6 +160,8 @@ ROW_ORDER = [
     "paper_without_crf",
     "weakseg",
     "weakseg_classifier_gated",
+    "weakseg_cam_layer4",
+    "weakseg_with_background_seeds",
     "weakseg_with_tile_label_losses",
     "weakseg_without_negative_oversampling",
     "fully_supervised",
