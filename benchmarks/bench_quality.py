@@ -97,15 +97,17 @@ TRAINED_ROWS = {
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
     "weakseg": "the default method (ignore band, no CRF, balanced classifier, scarce negatives repeated), tile labels only",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
-    "weakseg_cam_layer4": "ablation: weakseg with the CAM on layer4 (the paper's layer, weakseg's default before layer3)",
-    "weakseg_with_background_seeds": "ablation: weakseg + background seeds (the lowest 20 % of a positive tile's CAM; foreground: the top 40 %)",
+    "weakseg_cam_layer4": "ablation: weakseg without background seeds, CAM on layer4 (the paper's layer; weakseg's default before this ladder)",
+    "weakseg_without_background_seeds": "ablation: weakseg without background seeds in positive tiles (refine.background_quantile 0: the whole band below the CAM cut ignored)",
+    "weakseg_with_background_seeds": "ablation: weakseg with a fixed background share instead of the estimate (the lowest 20 % of a positive tile's CAM; foreground: the top 40 %)",
     "weakseg_without_negative_oversampling": "ablation: weakseg without repeating the scarce negative tiles",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
 # Trained ablation rows: (the row it changes, the dotted params it sets).
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper_without_crf": ("paper", {"refine.crf.enabled": False}),
-    "weakseg_cam_layer4": ("weakseg", {"cam.target_layer": "layer4"}),
+    "weakseg_cam_layer4": ("weakseg", {"cam.target_layer": "layer4", "refine.background_quantile": 0.0}),
+    "weakseg_without_background_seeds": ("weakseg", {"refine.background_quantile": 0.0}),
     "weakseg_with_background_seeds": (
         "weakseg",
         {"refine.background_quantile": 0.2, "refine.threshold_quantile": 0.6},
@@ -130,6 +132,7 @@ DATASET_METHODS = {
         "paper",
         "paper_without_crf",
         "weakseg_cam_layer4",
+        "weakseg_without_background_seeds",
         "weakseg_with_background_seeds",
         "weakseg_with_tile_label_losses",
     ),
@@ -139,6 +142,7 @@ DATASET_METHODS = {
         "paper",
         "paper_without_crf",
         "weakseg_cam_layer4",
+        "weakseg_without_background_seeds",
         "weakseg_with_background_seeds",
     ),
     "ebhi-hgin-polyp-imbalanced": (
@@ -161,6 +165,7 @@ ROW_ORDER = [
     "weakseg",
     "weakseg_classifier_gated",
     "weakseg_cam_layer4",
+    "weakseg_without_background_seeds",
     "weakseg_with_background_seeds",
     "weakseg_with_tile_label_losses",
     "weakseg_without_negative_oversampling",

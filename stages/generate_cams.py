@@ -10,6 +10,8 @@ sees the positive class (its logit), for:
 - negative train tiles only when ``cam.negative_train_tiles`` asks (their pseudo-masks are empty by their
   label, so their CAMs would cost about two thirds of the stage on MHIST's balance for nothing), except
   the one negative tile that ``refine_masks``'s figure shows.
+It also writes ``metrics/cams.json``: the share of a positive tile's tissue that looks normal, measured on
+the validation split (``weakseg.normal_tissue``), which ``refine.background_quantile: auto`` uses.
 
 Started by ``torchrun`` (``torchrun --nproc-per-node=N -m stages.generate_cams``), each process computes
 the CAMs of every N-th batch (each GPU its own, on GPUs) and rank 0 gathers and writes them; the batches
@@ -36,6 +38,7 @@ from weakseg.cam_batches import (
     batch_seed,
     same_size_batches,
     tiles_needing_cams,
+    write_normal_tissue_estimate,
 )
 from weakseg.data.layout import Tile, read_annotations
 from weakseg.distributed import DistributedContext, gather_objects, run_distributed_stage, select_device
@@ -51,6 +54,7 @@ STAGE = "generate_cams"
 CLASSIFIER = Path("models/classifier.pt")
 NORMALIZED = Path("data/normalized")
 CAMS = Path("data/cams")
+CAM_METRICS = Path("metrics/cams.json")
 
 logger = logging.getLogger(STAGE)
 
@@ -97,6 +101,7 @@ def _generate(params: StageParams, context: DistributedContext | None) -> None:
             progress.update(len(batch_tiles))
         progress.close()
         tracker.log_metrics(tally.report(len(tiles), cam_params.target_layer))
+        write_normal_tissue_estimate(model, params, NORMALIZED, CAM_METRICS, device, preprocessing, tracker)
     logger.info("wrote %d CAMs to %s (%s on %s)", len(tiles), CAMS, cam_params.method, device)
 
 
@@ -136,6 +141,7 @@ def _generate_sharded(
         if tracker is None:
             return
         tracker.log_metrics(tally.report(len(tiles), cam_params.target_layer))
+        write_normal_tissue_estimate(model, params, NORMALIZED, CAM_METRICS, device, preprocessing, tracker)
     logger.info("wrote %d CAMs to %s (%s on %d processes)", len(tiles), CAMS, cam_params.method, context.world_size)
 
 

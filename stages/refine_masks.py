@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from weakseg.data.layout import pick_figure_tiles, read_annotations
-from weakseg.io import atomic_directory, write_json
+from weakseg.io import atomic_directory, read_json, write_json
 from weakseg.parallel import resolve_workers
 from weakseg.params import StageParams
 from weakseg.pseudo_masks import (
@@ -40,6 +40,7 @@ CAMS = Path("data/cams")
 TRUTH = Path("data/raw/masks")
 PSEUDO_MASKS = Path("data/pseudo_masks")
 METRICS = Path("metrics/pseudo_masks.json")
+CAM_METRICS = Path("metrics/cams.json")  # generate_cams' normal-tissue estimate (background_quantile: auto)
 FIGURES = Path("figures/refine_masks")
 
 logger = logging.getLogger(STAGE)
@@ -48,7 +49,8 @@ logger = logging.getLogger(STAGE)
 def run(params: StageParams) -> None:
     """Refines every tile's CAM into a pseudo-mask and writes the diagnostics."""
     refine = params.refine
-    settings = settings_from_params(refine)
+    estimate = read_json(CAM_METRICS) if refine.background_quantile == "auto" and CAM_METRICS.is_file() else {}
+    settings = settings_from_params(refine, estimate.get("normal_tissue_fraction"))
     tiles = read_annotations(NORMALIZED / "annotations.csv", params.data.positive_label)
     has_truth = TRUTH.is_dir()
     for folder in (CAMS, NORMALIZED / "images", NORMALIZED / "tissue"):
@@ -66,6 +68,7 @@ def run(params: StageParams) -> None:
         STEPS if settings.crf is not None else STEPS[:2],
         ignore_band=settings.background_quantile is not None,
     )
+    report["background_quantile"] = settings.background_quantile
     write_json(METRICS, report)
     with atomic_directory(FIGURES) as figures:
         job_of = {job.name: job for job in jobs}

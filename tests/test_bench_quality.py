@@ -142,3 +142,19 @@ def test_ablation_rows_change_only_their_component() -> None:
     assert {key: value for key, value in losses.items() if key != "segmenter"} == {
         key: value for key, value in weak.items() if key != "segmenter"
     }
+    layer4 = bench_quality.method_params("demo", "weakseg_cam_layer4", 0)
+    assert (weak["cam"]["target_layer"], layer4["cam"]["target_layer"], paper["cam"]["target_layer"]) == (
+        "layer3",
+        "layer4",
+        "layer4",  # the paper's chain keeps its layer
+    )
+    without = bench_quality.method_params("demo", "weakseg_without_background_seeds", 0)
+    assert (weak["refine"]["background_quantile"], without["refine"]["background_quantile"]) == ("auto", 0.0)
+    layer4["cam"]["target_layer"] = "layer3"
+    assert layer4 == without
+    without["refine"]["background_quantile"] = "auto"
+    assert without == weak
+    seeds = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_with_background_seeds", 1)
+    assert seeds["refine"]["background_quantile"] < seeds["refine"]["threshold_quantile"]
+    seeds["refine"] = bench_quality.method_params("ebhi-hgin-polyp", "weakseg", 1)["refine"]
+    assert seeds == bench_quality.method_params("ebhi-hgin-polyp", "weakseg", 1)

@@ -22,7 +22,7 @@ from weakseg.cam import (
     compute_cams,
 )
 from weakseg.data.layout import Tile, write_annotations
-from weakseg.io import read_gray, write_png
+from weakseg.io import read_gray, read_json, write_png
 from weakseg.models import build_classifier, save_checkpoint
 from weakseg.stage import run_stage
 from weakseg.training.common import preprocessing_record
@@ -173,6 +173,10 @@ def test_generate_cams_stage_writes_one_reproducible_heatmap_per_tile(
     tiles = _write_tiny_project(tmp_path)
     assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
     assert tracker.metrics["cam.tiles"] == 3 and tracker.metrics["cam.flat_tiles"] == 0
+    # Three tiles make no validation split: no normal-tissue estimate, so no background seeds.
+    estimate = read_json(tmp_path / "metrics/cams.json")
+    assert estimate["normal_tissue_fraction"] == 0.0 and estimate["reference_cut"] is None
+    assert tracker.metrics["cam.normal_tissue_fraction"] == 0.0
     first = {tile.name: read_gray(tmp_path / "data/cams" / tile.name) for tile in tiles}
     assert sorted(path.name for path in (tmp_path / "data/cams").iterdir()) == ["a.png", "b.png", "c.png"]
     for cam in first.values():

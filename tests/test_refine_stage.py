@@ -260,3 +260,32 @@ def test_background_quantile_writes_the_ignored_band_as_128(
     pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))
     assert (pixels[:, :12] == 255).all() and not pixels[:, 12:].any()
     assert "positive_ignored_of_tissue" not in read_json(tmp_path / "metrics/pseudo_masks.json")["train"]["coverage"]
+
+
+def test_automatic_background_quantile_is_generate_cams_estimate_capped_at_the_foreground_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tracker: RecordingTracker
+) -> None:
+    """The same p1 as above: an estimate of 0.25 gives the 0.25-quantile's band, 0.9 is capped at 0.625."""
+    from PIL import Image
+
+    from weakseg.io import write_json
+
+    monkeypatch.chdir(tmp_path)
+    refine = {**SMALL, "crf": {"enabled": False}, "threshold_quantile": 0.625, "background_quantile": "auto"}
+    write_project(tmp_path, refine)
+    cam = np.full((SIZE, SIZE), 220, dtype=np.uint8)
+    cam[:, 12:] = 4 * np.arange(12, SIZE, dtype=np.uint8)
+    write_png(tmp_path / "data/cams/p1.png", cam)
+    assert run_refine() == 2  # no estimate yet: a clear error, and no half-written masks
+    assert "metrics/cams.json" in capsys.readouterr().err
+    assert not (tmp_path / "data/pseudo_masks").exists()
+    write_json(tmp_path / "metrics/cams.json", {"normal_tissue_fraction": 0.25})
+    assert run_refine() == 0
+    pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))
+    assert (pixels[:, :12] == 255).all() and (pixels[:, 12:20] == 0).all() and (pixels[:, 20:] == 128).all()
+    assert read_json(tmp_path / "metrics/pseudo_masks.json")["background_quantile"] == 0.25
+    write_json(tmp_path / "metrics/cams.json", {"normal_tissue_fraction": 0.9})
+    assert run_refine() == 0
+    pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))
+    assert (pixels[:, :12] == 255).all() and not pixels[:, 12:].any()  # capped: no band left
+    assert read_json(tmp_path / "metrics/pseudo_masks.json")["background_quantile"] == 0.625

@@ -10,6 +10,7 @@ the CAM of the positive class of every tile of a batch (:func:`batch_cams`), wri
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +23,11 @@ from PIL import Image
 from torch import nn
 
 from weakseg.cam import cam_to_uint8, compute_cams
-from weakseg.data.layout import Tile, figure_negative_tile
-from weakseg.io import read_rgb, write_png
-from weakseg.params import CamParams
+from weakseg.data.layout import Tile, figure_negative_tile, partition, read_annotations, split_train_validation
+from weakseg.io import read_rgb, write_json, write_png
+from weakseg.normal_tissue import MIN_REFERENCE_TILES, NormalTissueEstimate, estimate_from_folder
+from weakseg.params import CamParams, StageParams
+from weakseg.tracking import StageRun
 
 LOGGER = logging.getLogger(__name__)
 
@@ -158,3 +161,42 @@ class CamTally:
                 target_layer,
             )
         return {"cam.tiles": tiles, "cam.flat_tiles": self.flat, "cam.mean_activation": float(np.mean(self.coverage))}
+
+
+def write_normal_tissue_estimate(
+    model: nn.Module,
+    params: StageParams,
+    normalized: Path,
+    output: Path,
+    device: torch.device,
+    preprocessing: Mapping[str, Any] | None,
+    tracker: StageRun | None = None,
+) -> NormalTissueEstimate:
+    """Writes ``output`` (JSON): the normal-tissue share of positive tiles (:mod:`weakseg.normal_tissue`).
+
+    Measured on the classifier's validation split (``split`` params): tiles it did not train on, so that
+    neither class's evidence is inflated by memorisation. Test tiles are never read.
+    """
+    tiles = read_annotations(normalized / "annotations.csv", params.data.positive_label)
+    split = params.split
+    try:
+        _, validation = split_train_validation(partition(tiles, "train"), split.validation_fraction, split.seed)
+    except ValueError:  # too few train tiles for a validation split: no estimate (the warning below)
+        validation = []
+    cam = params.cam
+    estimate = estimate_from_folder(
+        model, validation, normalized, device, preprocessing, cam.normal_reference_quantile, cam.batch_size
+    )
+    write_json(output, dataclasses.asdict(estimate))
+    if tracker is not None:
+        tracker.log_metrics({"normal_tissue_fraction": estimate.normal_tissue_fraction}, prefix="cam.")
+    if min(estimate.positive_tiles, estimate.negative_tiles) < MIN_REFERENCE_TILES:
+        LOGGER.warning(
+            "normal-tissue estimate: %d positive and %d negative validation tiles with tissue, fewer than %d of "
+            "a class; normal_tissue_fraction is 0 (background_quantile: auto sets no background seeds)",
+            estimate.positive_tiles,
+            estimate.negative_tiles,
+            MIN_REFERENCE_TILES,
+        )
+    LOGGER.info("normal-looking share of a positive tile's tissue: %.3f", estimate.normal_tissue_fraction)
+    return estimate

@@ -24,7 +24,14 @@ from weakseg.io import pseudo_mask_pixels, read_gray, read_mask, read_rgb, write
 from weakseg.metrics import PixelCounts, tile_iou
 from weakseg.parallel import map_in_processes
 from weakseg.params import RefineParams
-from weakseg.refine import CrfSettings, RefinementSteps, RefineSettings, foreground_fraction, refine_pseudo_mask
+from weakseg.refine import (
+    CrfSettings,
+    RefineInputError,
+    RefinementSteps,
+    RefineSettings,
+    foreground_fraction,
+    refine_pseudo_mask,
+)
 
 STEPS = ("threshold", "morphology", "crf")
 
@@ -33,8 +40,17 @@ class RefineStageError(UserInputError):
     """Raised when the stage's inputs do not fit together."""
 
 
-def settings_from_params(refine: RefineParams) -> RefineSettings:
-    """The ``refine`` params block as the plain settings :func:`refine_pseudo_mask` takes."""
+def settings_from_params(refine: RefineParams, normal_tissue_fraction: float | None = None) -> RefineSettings:
+    """The ``refine`` params block as the plain settings :func:`refine_pseudo_mask` takes.
+
+    Args:
+        refine: the params block.
+        normal_tissue_fraction: generate_cams' estimate (``metrics/cams.json``), which
+            ``background_quantile: auto`` takes as its quantile.
+
+    Raises:
+        RefineInputError: for ``background_quantile: auto`` without an estimate.
+    """
     crf = refine.crf
     crf_settings = (
         CrfSettings(
@@ -57,8 +73,20 @@ def settings_from_params(refine: RefineParams) -> RefineSettings:
         closing_kernel=refine.closing_kernel,
         min_object_size=refine.min_object_size,
         crf=crf_settings,
-        background_quantile=refine.background_quantile,
+        background_quantile=_background_quantile(refine, normal_tissue_fraction),
     )
+
+
+def _background_quantile(refine: RefineParams, normal_tissue_fraction: float | None) -> float | None:
+    """The band's lower quantile: as set, or for ``auto`` the estimated normal share, capped at the foreground's cut."""
+    if refine.background_quantile != "auto":
+        return refine.background_quantile
+    if normal_tissue_fraction is None:
+        raise RefineInputError(
+            "refine.background_quantile: auto needs the normal-tissue estimate of generate_cams "
+            "(metrics/cams.json: normal_tissue_fraction); re-run generate_cams"
+        )
+    return min(max(float(normal_tissue_fraction), 0.0), refine.threshold_quantile)
 
 
 @dataclass(frozen=True)

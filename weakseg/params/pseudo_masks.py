@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -19,6 +19,14 @@ class CamParams(_Strict):
     target_layer: str = Field("layer4", min_length=1)
     batch_size: int = Field(16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    normal_reference_quantile: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="For refine.background_quantile: auto. The quantile of the validation negatives' tissue "
+        "evidence (the classifier's logit at each position) below which a positive tile's tissue counts as "
+        "normal-looking (metrics/cams.json).",
+    )
     negative_train_tiles: bool = Field(
         False,
         description="Also compute CAMs for negative train tiles; refine_masks gives them empty pseudo-masks "
@@ -62,20 +70,20 @@ class RefineParams(_Strict):
     closing_kernel: int = Field(5, ge=0, description="0 skips closing.")
     min_object_size: int = Field(64, ge=0)
     crf: CrfParams = CrfParams()
-    background_quantile: float | None = Field(
+    background_quantile: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] | None = Field(
         None,
-        ge=0.0,
-        le=1.0,
         description="null: everything not foreground is background. A quantile in [0, threshold_quantile]: "
         "tissue pixels whose CAM is at or below it are background, the other non-foreground tissue pixels "
-        "of a positive tile are ignored by the segmenter's loss (written as 128).",
+        "of a positive tile are ignored by the segmenter's loss (written as 128). auto: the share of a "
+        "positive tile's tissue that looks normal, estimated by generate_cams on the validation split "
+        "(metrics/cams.json: normal_tissue_fraction), capped at threshold_quantile.",
     )
     workers: int = Field(0, ge=0, description="Process-pool size; 0 uses every core.")
     figure_tiles: int = Field(4, ge=0, le=32)
 
     @model_validator(mode="after")
     def _band_below_foreground(self) -> RefineParams:
-        if self.background_quantile is not None and self.background_quantile > self.threshold_quantile:
+        if isinstance(self.background_quantile, float) and self.background_quantile > self.threshold_quantile:
             raise _key_error(
                 "RefineParams",
                 ("background_quantile",),
