@@ -95,7 +95,7 @@ VARIANT_ROWS = {
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
-    "weakseg": "the default method (ignore band, no CRF, balanced classifier, scarce negatives repeated), tile labels only",
+    "weakseg": "the default method (layer3 CAM, ignore band with background seeds of the measured normal share, no CRF, balanced classifier, scarce negatives repeated), tile labels only",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
     "weakseg_cam_layer4": "ablation: weakseg without background seeds, CAM on layer4 (the paper's layer; weakseg's default before this ladder)",
     "weakseg_without_background_seeds": "ablation: weakseg without background seeds in positive tiles (refine.background_quantile 0: the whole band below the CAM cut ignored)",

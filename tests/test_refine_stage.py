@@ -284,6 +284,7 @@ def test_automatic_background_quantile_is_generate_cams_estimate_capped_at_the_f
     pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))
     assert (pixels[:, :12] == 255).all() and (pixels[:, 12:20] == 0).all() and (pixels[:, 20:] == 128).all()
     assert read_json(tmp_path / "metrics/pseudo_masks.json")["background_quantile"] == 0.25
+    assert tracker.metrics["pseudo.background_quantile"] == 0.25
     write_json(tmp_path / "metrics/cams.json", {"normal_tissue_fraction": 0.9})
     assert run_refine() == 0
     pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))

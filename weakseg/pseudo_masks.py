@@ -311,6 +311,8 @@ def contact_sheet(
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The numbers of :func:`summarize`'s report that the stage logs to MLflow, by dotted name."""
     flat: dict[str, float] = {}
+    if report.get("background_quantile") is not None:  # the band's lower quantile, as set or estimated (auto)
+        flat["background_quantile"] = report["background_quantile"]
     for partition in PARTITIONS:
         section = report.get(partition, {})
         flat[f"{partition}.coverage_positive_mean"] = section.get("coverage", {}).get("positive", {}).get("mean", 0.0)
