@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from weakseg.cam_batches import estimate_from_folder
 from weakseg.data.layout import Tile
 from weakseg.io import write_png
 from weakseg.models import build_classifier
 from weakseg.normal_tissue import (
     MIN_REFERENCE_TILES,
     class_evidence_maps,
-    estimate_from_folder,
     estimate_normal_tissue_fraction,
 )
 

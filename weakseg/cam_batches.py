@@ -24,8 +24,13 @@ from torch import nn
 
 from weakseg.cam import cam_to_uint8, compute_cams
 from weakseg.data.layout import Tile, figure_negative_tile, partition, read_annotations, split_train_validation
-from weakseg.io import read_rgb, write_json, write_png
-from weakseg.normal_tissue import MIN_REFERENCE_TILES, NormalTissueEstimate, estimate_from_folder
+from weakseg.io import read_mask, read_rgb, write_json, write_png
+from weakseg.normal_tissue import (
+    MIN_REFERENCE_TILES,
+    NormalTissueEstimate,
+    estimate_normal_tissue_fraction,
+    tissue_evidence,
+)
 from weakseg.params import CamParams, StageParams
 from weakseg.tracking import StageRun
 
@@ -161,6 +166,28 @@ class CamTally:
                 target_layer,
             )
         return {"cam.tiles": tiles, "cam.flat_tiles": self.flat, "cam.mean_activation": float(np.mean(self.coverage))}
+
+
+def estimate_from_folder(
+    classifier: nn.Module,
+    tiles: list[Tile],
+    normalized: Path,
+    device: torch.device,
+    preprocessing: Mapping[str, Any] | None = None,
+    reference_quantile: float = 0.5,
+    batch_size: int = 16,
+) -> NormalTissueEstimate:
+    """:func:`~weakseg.normal_tissue.estimate_normal_tissue_fraction` over ``tiles`` of a normalized folder.
+
+    Reads ``normalized/images/NAME`` in :func:`same_size_batches` and ``normalized/tissue/NAME`` beside them.
+    """
+    values: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    for batch_tiles, images in same_size_batches(tiles, normalized / "images", batch_size):
+        tissue = np.stack([read_mask(normalized / "tissue" / tile.name) for tile in batch_tiles])
+        evidence = tissue_evidence(classifier, images, tissue, device, preprocessing)
+        for tile, tile_evidence in zip(batch_tiles, evidence, strict=True):
+            values[tile.positive].append(tile_evidence)
+    return estimate_normal_tissue_fraction(values[False], values[True], reference_quantile)
 
 
 def write_normal_tissue_estimate(

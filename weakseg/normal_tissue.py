@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.cam import images_to_model_input
-from weakseg.data.layout import Tile
-from weakseg.io import read_mask, read_rgb
 
 # Fewer validation tiles of a class than this give no estimate (0: no background seeds). On a set of
 # 10 positives to 1 negative, a 20 % validation split of 170 positive train tiles holds 3 negatives.
@@ -129,33 +126,3 @@ def tissue_evidence(
     with torch.no_grad():
         maps = class_evidence_maps(classifier, images_to_model_input(images, preprocessing).to(device))
     return [evidence[mask] for evidence, mask in zip(maps.float().cpu().numpy(), np.asarray(tissue), strict=True)]
-
-
-def estimate_from_folder(
-    classifier: nn.Module,
-    tiles: Sequence[Tile],
-    normalized: Path,
-    device: torch.device,
-    preprocessing: Mapping[str, Any] | None = None,
-    reference_quantile: float = 0.5,
-    batch_size: int = 16,
-) -> NormalTissueEstimate:
-    """:func:`estimate_normal_tissue_fraction` over ``tiles`` (the validation split) of a normalized folder.
-
-    Reads ``normalized/images/NAME`` and ``normalized/tissue/NAME``; tiles of different sizes are batched by size.
-    """
-    values: dict[bool, list[np.ndarray]] = {True: [], False: []}
-    by_size: dict[tuple[int, ...], list[tuple[Tile, np.ndarray, np.ndarray]]] = {}
-    for tile in tiles:
-        image = read_rgb(normalized / "images" / tile.name)
-        by_size.setdefault(image.shape, []).append((tile, image, read_mask(normalized / "tissue" / tile.name)))
-    for group in by_size.values():
-        for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            images = np.stack([image for _, image, _ in batch])
-            tissue = np.stack([mask for _, _, mask in batch])
-            for (tile, _, _), evidence in zip(
-                batch, tissue_evidence(classifier, images, tissue, device, preprocessing), strict=True
-            ):
-                values[tile.positive].append(evidence)
-    return estimate_normal_tissue_fraction(values[False], values[True], reference_quantile)
