@@ -124,27 +124,20 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
-# Which trained rows each dataset runs (the imbalanced variant tests the default's robustness only).
+# Which trained rows each dataset runs: the whole ladder on the demo and EBHI (the tile-label losses on the
+# demo only); the imbalanced variant tests the default's robustness only.
+LADDER = (
+    "weakseg",
+    "fully_supervised",
+    "paper",
+    "paper_without_crf",
+    "weakseg_cam_layer4",
+    "weakseg_without_background_seeds",
+    "weakseg_with_background_seeds",
+)
 DATASET_METHODS = {
-    "demo": (
-        "weakseg",
-        "fully_supervised",
-        "paper",
-        "paper_without_crf",
-        "weakseg_cam_layer4",
-        "weakseg_without_background_seeds",
-        "weakseg_with_background_seeds",
-        "weakseg_with_tile_label_losses",
-    ),
-    "ebhi-hgin-polyp": (
-        "weakseg",
-        "fully_supervised",
-        "paper",
-        "paper_without_crf",
-        "weakseg_cam_layer4",
-        "weakseg_without_background_seeds",
-        "weakseg_with_background_seeds",
-    ),
+    "demo": (*LADDER, "weakseg_with_tile_label_losses"),
+    "ebhi-hgin-polyp": LADDER,
     "ebhi-hgin-polyp-imbalanced": (
         "weakseg",
         "weakseg_cam_layer4",
