@@ -22,7 +22,9 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
 
 ``ebhi-hgin-polyp-imbalanced`` is EBHI with most negative *train* tiles dropped (10 positives to 1
 negative, a seeded choice; :func:`make_imbalanced_variant`, links in the workspace, nothing copied into
-the repository); its test partition is EBHI's, so its rows compare with EBHI's.
+the repository); its test partition is EBHI's, so its rows compare with EBHI's. ``ebhi-hgin-polyp-mostly-positive``
+drops them in the test partition too (10 to 1 in both): a set whose test tiles are nearly all positive, where
+the score is the lesion inside positive tiles and a classifier's missed positives, not false alarms.
 
 Each (dataset, method, seed) runs ``dvc repro`` in one project copy per dataset under ``.bench/quality``
 (git-ignored), so DVC's run cache restores every stage an earlier run already computed; a finished run's
@@ -33,7 +35,8 @@ as each stage logged them when it ran; a stage shared by several rows (the class
 The check at the end exits non-zero, naming the row, when the default method's mean IoU falls below the
 classifier-gated trivial baseline's on a dataset, or the fully supervised reference's below 0.75 on EBHI.
 
-    python -m benchmarks.bench_quality [--datasets demo ebhi-hgin-polyp ebhi-hgin-polyp-imbalanced]
+    python -m benchmarks.bench_quality [--datasets demo ebhi-hgin-polyp ebhi-hgin-polyp-imbalanced
+        ebhi-hgin-polyp-mostly-positive]
         [--seeds 0 1 2] [--methods weakseg ...] [--report-only]
 """
 
@@ -144,9 +147,20 @@ DATASET_METHODS = {
         "weakseg_without_negative_oversampling",
         "fully_supervised",
     ),
+    "ebhi-hgin-polyp-mostly-positive": ("weakseg", "fully_supervised"),
 }
-IMBALANCED_RATIO = 10  # positive train tiles per negative train tile in the imbalanced variant
-IMBALANCED_DATA = WORKSPACE / "ebhi-hgin-polyp-imbalanced" / "data"
+IMBALANCED_RATIO = 10  # positive tiles per negative tile kept in a partition of the imbalanced variants
+# The variants made from EBHI: where each lives, and the partitions whose negatives it thins.
+IMBALANCED_VARIANTS = {
+    "ebhi-hgin-polyp-imbalanced": ("train",),
+    "ebhi-hgin-polyp-mostly-positive": ("train", "test"),
+}
+
+
+def variant_data(dataset: str) -> Path:
+    """Where the benchmark makes an imbalanced variant of EBHI (in its git-ignored workspace)."""
+    return WORKSPACE / dataset / "data"
+
 ROW_ORDER = [
     "tissue_if_classified_positive",
     "tissue_if_label_positive_oracle_label",
@@ -181,9 +195,9 @@ def dataset_params(dataset: str, seed: int) -> dict[str, Any]:
     elif dataset == "ebhi-hgin-polyp":
         params = yaml.safe_load((PROJECT_ROOT / "presets" / "ebhi-cpu.yaml").read_text())
         _set(params, "data.folder.path", str(SHARED_DATA))
-    elif dataset == "ebhi-hgin-polyp-imbalanced":
+    elif dataset in IMBALANCED_VARIANTS:
         params = yaml.safe_load((PROJECT_ROOT / "presets" / "ebhi-cpu.yaml").read_text())
-        _set(params, "data.folder.path", str(IMBALANCED_DATA))
+        _set(params, "data.folder.path", str(variant_data(dataset)))
     else:
         raise ValueError(f"unknown dataset {dataset!r}")
     params["seed"] = seed
@@ -210,22 +224,32 @@ def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
 
 
 def make_imbalanced_variant(
-    source: Path, destination: Path, positive_label: str, ratio: int = IMBALANCED_RATIO, seed: int = 0
+    source: Path,
+    destination: Path,
+    positive_label: str,
+    ratio: int = IMBALANCED_RATIO,
+    seed: int = 0,
+    partitions: Sequence[str] = ("train",),
 ) -> Path:
-    """A copy of ``source`` (MHIST layout) keeping ``1 / ratio`` as many negative train tiles as positive ones.
+    """A copy of ``source`` (MHIST layout) keeping, in each of ``partitions``, ``1 / ratio`` as many negative
+    tiles as positive ones (at least one).
 
     Images and masks are symbolic links into ``source``; ``annotations.csv`` is rewritten with the kept
-    rows in their original order. The negatives kept are a seeded choice; test tiles are all kept.
-    Rebuilt only when missing, and written to a temporary folder first, so a crash leaves nothing half made.
+    rows in their original order. The negatives kept are a seeded choice; the other partitions' tiles are
+    all kept. Rebuilt only when missing, and written to a temporary folder first, so a crash leaves nothing
+    half made.
     """
     if (destination / "annotations.csv").is_file():
         return destination
     tiles = read_annotations(source / "annotations.csv", positive_label)
-    train = partition(tiles, "train")
-    positives = sum(tile.positive for tile in train)
-    negatives = [tile.name for tile in train if not tile.positive]
-    keep = set(random.Random(seed).sample(negatives, min(len(negatives), max(1, positives // ratio))))
-    kept = [tile for tile in tiles if tile.partition != "train" or tile.positive or tile.name in keep]
+    choose = random.Random(seed)
+    keep: set[str] = set()
+    for name in partitions:
+        members = partition(tiles, name)
+        positives = sum(tile.positive for tile in members)
+        negatives = [tile.name for tile in members if not tile.positive]
+        keep.update(choose.sample(negatives, min(len(negatives), max(1, positives // ratio))))
+    kept = [tile for tile in tiles if tile.partition not in partitions or tile.positive or tile.name in keep]
     temporary = destination.with_name(destination.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
@@ -331,8 +355,8 @@ def run_dataset(
     methods: Sequence[str] | None = None,
 ) -> None:
     """Runs the trained rows of one dataset (``methods``, default all) for each seed, skipping finished runs."""
-    if dataset == "ebhi-hgin-polyp-imbalanced":
-        make_imbalanced_variant(SHARED_DATA, IMBALANCED_DATA, "HGIN")
+    if dataset in IMBALANCED_VARIANTS:
+        make_imbalanced_variant(SHARED_DATA, variant_data(dataset), "HGIN", partitions=IMBALANCED_VARIANTS[dataset])
     project = workspace / dataset / "project"
     if not (project / ".dvc").is_dir():
         shutil.rmtree(project, ignore_errors=True)

@@ -103,7 +103,7 @@ def test_a_resumed_benchmark_runs_only_what_is_missing(tmp_path: Path, monkeypat
     assert len(ran) == 2 * rows - 1
 
 
-def test_imbalanced_variant_keeps_one_negative_train_tile_per_ratio_positives_and_every_test_tile(
+def test_imbalanced_variant_keeps_one_negative_per_ratio_positives_in_the_partitions_asked(
     tmp_path: Path,
 ) -> None:
     source = tmp_path / "source"
@@ -128,6 +128,19 @@ def test_imbalanced_variant_keeps_one_negative_train_tile_per_ratio_positives_an
     assert (destination / "images" / "p3.png").read_bytes() == b"p3.png"  # a link to the source tile
     again = bench_quality.make_imbalanced_variant(source, tmp_path / "other", "HGIN", ratio=10, seed=0)
     assert (again / "annotations.csv").read_text() == (destination / "annotations.csv").read_text()
+
+    rows += [(f"u{index}.png", "Polyp", "test") for index in range(20)]  # test: 3 positives, 23 negatives
+    lines = ["Image Name,Majority Vote Label,Partition"] + [",".join(row) for row in rows]
+    (source / "annotations.csv").write_text("\n".join(lines) + "\n")
+    both = bench_quality.make_imbalanced_variant(
+        source, tmp_path / "both", "HGIN", ratio=10, seed=0, partitions=("train", "test")
+    )
+    kept_both = (both / "annotations.csv").read_text().splitlines()[1:]
+    assert [line for line in kept_both if line.endswith(",train")] == [
+        line for line in kept if line.endswith(",train")
+    ]  # the same train tiles as the train-only variant
+    assert sum(line.endswith(",HGIN,test") for line in kept_both) == 3
+    assert sum(line.endswith(",Polyp,test") for line in kept_both) == 1  # at least one, though 3 // 10 is 0
 
 
 def test_ablation_rows_change_only_their_component() -> None:
