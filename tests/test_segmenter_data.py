@@ -6,12 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.test_train_segmenter import TILE, _band_pseudo_mask
 from weakseg.data.layout import Tile
 from weakseg.io import write_png
+from weakseg.params.training import AugmentParams
+from weakseg.training.augment import build_augmentation
+from weakseg.training.datasets import TileDataset
 from weakseg.training.segmenter_data import (
+    EpochSeededDataset,
     SegmenterInputError,
+    batch_loader,
     load_segmenter_split,
     load_segmenter_splits,
     segmenter_splits,
@@ -23,6 +29,31 @@ def test_training_batches_never_leave_a_single_tile() -> None:
     assert [len(batch) for batch in training_batches(np.arange(9), 4)] == [4, 5]
     assert [len(batch) for batch in training_batches(np.arange(8), 4)] == [4, 4]
     assert training_batches(np.arange(1), 4) == []
+
+
+def test_loaders_with_workers_serve_plain_and_augmented_tiles_reproducibly() -> None:
+    """Validation tiles (plain, unaugmented) load in workers exactly as in the main process; augmented
+    training tiles load the same way twice for one epoch seed, whatever the workers."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    masks = rng.uniform(size=(6, 16, 16)) > 0.5
+    labels = [True, False] * 3
+    batches = [[0, 1, 2], [3, 4, 5]]
+
+    def load(dataset: TileDataset, workers: int) -> list[torch.Tensor]:
+        return [
+            torch.cat([images.flatten(), mask.flatten()]) for images, _, mask in batch_loader(dataset, batches, workers)
+        ]
+
+    plain = TileDataset(images, labels, masks, None)
+    assert all(torch.equal(a, b) for a, b in zip(load(plain, 0), load(plain, 2), strict=True))
+    augmented = EpochSeededDataset(images, labels, masks, build_augmentation(AugmentParams(), 0))
+    augmented.start_epoch(7)
+    first = load(augmented, 2)
+    augmented.start_epoch(7)
+    assert all(torch.equal(a, b) for a, b in zip(first, load(augmented, 2), strict=True))
+    augmented.start_epoch(8)
+    assert not all(torch.equal(a, b) for a, b in zip(first, load(augmented, 2), strict=True))
 
 
 def test_a_split_reads_the_pseudo_masks_ignored_band(tmp_path: Path) -> None:

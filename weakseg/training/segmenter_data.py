@@ -103,12 +103,17 @@ def distributed_training_batches(indices: np.ndarray, batch_size: int, rank: int
 
 
 def batch_loader(dataset: TileDataset, batches: Sequence[Sequence[int]], num_workers: int) -> DataLoader:
-    """A loader that yields exactly ``batches`` (lists of dataset indices), in order."""
+    """A loader that yields exactly ``batches`` (lists of dataset indices), in order.
+
+    Workers of an :class:`EpochSeededDataset` each draw their own augmentation stream from the epoch's seed;
+    a plain :class:`TileDataset` (validation, unaugmented) needs no seeding in its workers.
+    """
+    seeded = isinstance(dataset, EpochSeededDataset)
     return DataLoader(
         dataset,
         batch_sampler=batches,  # type: ignore[arg-type]  # torch types it Iterable[list]; any index sequences do
         num_workers=num_workers,
-        worker_init_fn=_seed_worker_augmentation if num_workers > 0 else None,
+        worker_init_fn=_seed_worker_augmentation if num_workers > 0 and seeded else None,
         persistent_workers=False,
     )
 
