@@ -90,10 +90,15 @@ def test_both_splits_load_with_their_tile_size(tmp_path: Path) -> None:
     assert train.masks.dtype == bool and train.masks.all()  # true masks: 0/255 PNGs read as booleans
 
 
-def test_a_mask_of_another_size_names_its_file(tmp_path: Path) -> None:
-    tiles = _write_split(tmp_path, [TILE, TILE], mask_sizes=[16, 16])
-    with pytest.raises(SegmenterInputError, match=r"tile_0\.png: mask is 16x16, its tile is 32x32"):
-        load_segmenter_split(tmp_path / "images", tmp_path / "masks", tiles, "train", pseudo_masks=False)
+@pytest.mark.parametrize("pseudo_masks", [False, True])
+@pytest.mark.parametrize(("mask_sizes", "wrong"), [([16, 16], 0), ([TILE, 16, TILE], 1)])
+def test_a_mask_of_another_size_names_its_file(
+    tmp_path: Path, mask_sizes: list[int], wrong: int, pseudo_masks: bool
+) -> None:
+    """All masks of one wrong size, or one among right-sized ones: the first wrong file is named."""
+    tiles = _write_split(tmp_path, [TILE] * len(mask_sizes), mask_sizes=mask_sizes)
+    with pytest.raises(SegmenterInputError, match=rf"tile_{wrong}\.png: mask is 16x16, its tile is {TILE}x{TILE}"):
+        load_segmenter_split(tmp_path / "images", tmp_path / "masks", tiles, "train", pseudo_masks=pseudo_masks)
 
 
 def test_splits_of_different_tile_sizes_are_refused(tmp_path: Path) -> None:

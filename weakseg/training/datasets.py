@@ -36,27 +36,51 @@ def load_tiles(folder: str | Path, tiles: Sequence[Tile], description: str = "lo
     return np.stack(images) if images else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
-def load_masks(folder: str | Path, tiles: Sequence[Tile], description: str = "loading masks") -> np.ndarray:
-    """Decodes ``folder/NAME`` masks into one ``(N, H, W)`` boolean array."""
+def _check_mask_size(path: Path, mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    if size is not None and mask.shape != tuple(size):
+        raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its tile is {size[1]}x{size[0]}")
+    return mask
+
+
+def load_masks(
+    folder: str | Path,
+    tiles: Sequence[Tile],
+    description: str = "loading masks",
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Decodes ``folder/NAME`` masks into one ``(N, H, W)`` boolean array.
+
+    Raises:
+        ValueError: naming the first mask that is not ``size`` (height, width), when given.
+    """
     folder = Path(folder)
-    masks = [read_mask(folder / tile.name) for tile in tqdm(tiles, desc=description, leave=False)]
+    masks = [
+        _check_mask_size(folder / tile.name, read_mask(folder / tile.name), size)
+        for tile in tqdm(tiles, desc=description, leave=False)
+    ]
     return np.stack(masks) if masks else np.zeros((0, 0, 0), dtype=bool)
 
 
 def load_pseudo_masks(
-    folder: str | Path, tiles: Sequence[Tile], description: str = "loading pseudo-masks"
+    folder: str | Path,
+    tiles: Sequence[Tile],
+    description: str = "loading pseudo-masks",
+    size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Decodes ``folder/NAME`` pseudo-masks into one ``(N, H, W)`` uint8 array of training targets.
 
     0 is background, 1 foreground and :data:`~weakseg.losses.segmentation.IGNORE_INDEX` (255) the ignored
     band (128 on disk, :func:`weakseg.io.read_pseudo_mask`). A two-label file gives 0/1, the same targets
     as :func:`load_masks`.
+
+    Raises:
+        ValueError: naming the first pseudo-mask that is not ``size`` (height, width), when given.
     """
     folder = Path(folder)
     targets = []
     for tile in tqdm(tiles, desc=description, leave=False):
         foreground, ignore = read_pseudo_mask(folder / tile.name)
-        target = foreground.astype(np.uint8)
+        target = _check_mask_size(folder / tile.name, foreground.astype(np.uint8), size)
         target[ignore] = IGNORE_INDEX
         targets.append(target)
     return np.stack(targets) if targets else np.zeros((0, 0, 0), dtype=np.uint8)

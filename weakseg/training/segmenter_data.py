@@ -131,17 +131,15 @@ def load_segmenter_split(
         SegmenterInputError: if a mask's size differs from its tile's, naming the mask file.
     """
     images = load_tiles(images_folder, tiles, f"loading {description} tiles")
-    if pseudo_masks:
-        # 0/1 targets, and 255 where the pseudo-mask's band is ignored (refine.background_quantile).
-        masks = load_pseudo_masks(masks_folder, tiles, f"loading {description} pseudo-masks")
-    else:
-        masks = load_masks(masks_folder, tiles, f"loading {description} true masks")
-    for tile, image, mask in zip(tiles, images, masks, strict=True):
-        if mask.shape != image.shape[:2]:
-            raise SegmenterInputError(
-                f"{masks_folder / tile.name}: mask is {mask.shape[1]}x{mask.shape[0]}, "
-                f"its tile is {image.shape[1]}x{image.shape[0]}"
-            )
+    size = (int(images.shape[1]), int(images.shape[2]))
+    try:
+        if pseudo_masks:
+            # 0/1 targets, and 255 where the pseudo-mask's band is ignored (refine.background_quantile).
+            masks = load_pseudo_masks(masks_folder, tiles, f"loading {description} pseudo-masks", size)
+        else:
+            masks = load_masks(masks_folder, tiles, f"loading {description} true masks", size)
+    except ValueError as error:
+        raise SegmenterInputError(str(error)) from None
     return SegmenterData(images=images, masks=masks, positives=np.array([tile.positive for tile in tiles]))
 
 
