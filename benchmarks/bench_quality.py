@@ -14,7 +14,8 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
   tiles that run's classifier calls positive), ``tissue_if_label_positive_oracle_label``, and the ablation
   rows ``cam_thresholded`` and ``pseudo_masks`` (classifier-gated, as the pipeline would output them);
 - ablations read from the trained runs' ``evaluate.json``: ``paper_classifier_gated`` (the paper's
-  segmenter with the classification gate) and ``weakseg_classifier_gated`` (weakseg with it);
+  segmenter with the classification gate), ``weakseg_classifier_gated`` (weakseg with it) and
+  ``weakseg_head_gated`` (weakseg gated by its own head);
 - trained ablation rows (:data:`ABLATIONS`), the ladder from the paper's chain to the default, one
   component at a time: ``paper_without_crf``, then the ignore band (= ``weakseg``), then the tile-label
   losses (``weakseg_with_tile_label_losses``); on the imbalanced variant, ``weakseg`` without its negative
@@ -94,6 +95,11 @@ VARIANT_ROWS = {
         "segmenter_classifier_gated.vs_truth",
         "weakseg with the classification gate (evaluate.segmenter_gate: classifier)",
     ),
+    "weakseg_head_gated": (
+        "weakseg",
+        "segmenter_head_gated.vs_truth",
+        "weakseg gated by the segmenter's own classification head (evaluate.segmenter_gate: head)",
+    ),
 }
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
@@ -171,6 +177,7 @@ ROW_ORDER = [
     "paper_without_crf",
     "weakseg",
     "weakseg_classifier_gated",
+    "weakseg_head_gated",
     "weakseg_cam_layer4",
     "weakseg_without_background_seeds",
     "weakseg_with_background_seeds",

@@ -312,3 +312,30 @@ def test_a_mask_of_another_size_than_its_tile_is_named(
     expected = f"data/cams/test_1.png: size {TILE}x{TILE // 2} differs from its tile's {TILE}x{TILE}"
     assert expected in capsys.readouterr().err
     assert not Path("metrics/evaluate.json").exists()
+
+
+def test_the_head_gate_empties_the_segmenter_mask_of_tiles_its_head_calls_negative(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
+) -> None:
+    """With evaluate.segmenter_gate: head, the segmenter's own head decides at its checkpoint's threshold:
+    a threshold no tile reaches empties every mask; the head-gated row is what the gate outputs."""
+    _build_project(tmp_path, with_truth=True)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    path = tmp_path / "models/segmenter.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    monkeypatch.chdir(tmp_path)
+    results = {}
+    for gate, head_threshold in (("none", 0.5), ("head", 1e-9), ("head", 1 - 1e-9)):
+        # A pixel threshold every probability passes: the untrained segmenter marks all tissue.
+        params["evaluate"].update({"segmenter_gate": gate, "threshold": 1e-9})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        torch.save({**payload, "head_threshold": head_threshold}, path)
+        assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+        results[(gate, head_threshold)] = json.loads(Path("metrics/evaluate.json").read_text())
+    ungated, lenient, strict = results[("none", 0.5)], results[("head", 1e-9)], results[("head", 1 - 1e-9)]
+    assert strict["settings"]["segmenter_gate"] == "head"
+    assert lenient["segmenter"]["vs_truth"] == ungated["segmenter"]["vs_truth"]  # every tile passes
+    assert ungated["segmenter"]["vs_truth"]["iou"] > 0.0
+    assert strict["segmenter"]["vs_truth"]["iou"] == 0.0  # no head probability of an untrained model is that high
+    assert strict["segmenter_head_gated"]["vs_truth"] == strict["segmenter"]["vs_truth"]
+    assert strict["segmenter_ungated"]["vs_truth"] == ungated["segmenter"]["vs_truth"]

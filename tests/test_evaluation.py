@@ -210,3 +210,26 @@ def test_plot_data_csvs_have_fixed_bytes(tmp_path: Path) -> None:
     assert len(lines) == len(curves[0][1]) + 2
     evaluation.write_confusion_csv(tmp_path / "confusion.csv", records, 0.65, "SSA")
     assert (tmp_path / "confusion.csv").read_bytes() == b"actual,predicted\nSSA,SSA\nSSA,SSA\nHP,HP\nHP,HP\n"
+
+
+def test_the_head_gate_row_empties_the_masks_of_tiles_the_head_calls_negative_at_its_threshold() -> None:
+    """A false alarm on a negative tile whose head probability is below the head's threshold is gated out;
+    a positive tile above it keeps its mask; the classifier plays no part."""
+    empty = np.zeros((TILE, TILE), dtype=bool)
+    lesion = _square(4)
+    false_alarm = _square(10)
+    positive = _gated_record("p.png", True, lesion, lesion, 0.1)
+    negative = _gated_record("n.png", False, empty, empty, 0.9)
+    negative.prediction = false_alarm.copy()
+    positive.head_probability, negative.head_probability = 0.7, 0.4
+    records = [positive, negative]
+    lesion_pixels = int(lesion.sum())
+    at_half = evaluation.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.5)
+    assert at_half["segmenter_head_gated"]["vs_truth"]["iou"] == 1.0
+    assert at_half["segmenter_ungated"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / (lesion_pixels + int(false_alarm.sum())))
+    # A head threshold above both tiles' probabilities empties both masks.
+    strict = evaluation.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.8)
+    assert strict["segmenter_head_gated"]["vs_truth"]["iou"] == 0.0
+    # A threshold below both keeps both masks: the row is the ungated one.
+    lenient = evaluation.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.3)
+    assert lenient["segmenter_head_gated"]["vs_truth"] == lenient["segmenter_ungated"]["vs_truth"]

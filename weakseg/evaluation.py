@@ -136,11 +136,15 @@ def compute_metrics(
             "vs_truth": metrics.segmentation_scores(gate(tissues, labels), truths, labels)
         }
         result["segmenter"]["vs_truth"] = metrics.segmentation_scores(predictions, truths, labels)
-        # What the classification gate does, whichever is configured (an ablation at no cost).
+        # What each gate does, whichever is configured (ablations at no cost).
         ungated = [r.prediction if r.prediction_ungated is None else r.prediction_ungated for r in scored]
+        head_positive = [record.head_probability >= head_cut for record in scored]
         result["segmenter_ungated"] = {"vs_truth": metrics.segmentation_scores(ungated, truths, labels)}
         result["segmenter_classifier_gated"] = {
             "vs_truth": metrics.segmentation_scores(gate(ungated, classified_positive), truths, labels)
+        }
+        result["segmenter_head_gated"] = {
+            "vs_truth": metrics.segmentation_scores(gate(ungated, head_positive), truths, labels)
         }
         cams = [record.cam_mask for record in scored]
         pseudos = [record.pseudo for record in scored]

@@ -88,6 +88,7 @@ def score_tiles(
     has_truth = inputs.true_masks.is_dir()
     forward = make_forward(segmenter.model, classifier.model)
     classifier_threshold = classifier.decision_threshold
+    head_threshold = segmenter.head_threshold
     images_folder, tissue_folder = inputs.normalized / "images", inputs.normalized / "tissue"
 
     def images() -> Iterator[tuple[int, np.ndarray]]:
@@ -114,9 +115,11 @@ def score_tiles(
             predicted &= tissue
         cam_mask = threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
         ungated = None
-        called_negative = prediction.tile_probabilities["classifier"] < classifier_threshold
-        if settings.segmenter_gate == "classifier" and called_negative:
-            ungated, predicted = predicted, np.zeros_like(predicted)
+        deciding = {"classifier": ("classifier", classifier_threshold), "head": ("head", head_threshold)}
+        if settings.segmenter_gate in deciding:
+            decider, cut = deciding[settings.segmenter_gate]
+            if prediction.tile_probabilities[decider] < cut:
+                ungated, predicted = predicted, np.zeros_like(predicted)
         record = TestTile(
             tile=tile,
             prediction=predicted,
@@ -132,4 +135,4 @@ def score_tiles(
             record.image = read_rgb(images_folder / tile.name)
             record.probability = prediction.probability
         scored.append(record)
-    return scored, has_truth, segmenter.head_threshold, classifier_threshold
+    return scored, has_truth, head_threshold, classifier_threshold

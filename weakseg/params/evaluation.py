@@ -19,10 +19,12 @@ class EvaluateParams(_Strict):
         description="The segmenter's pixel threshold. Classifier decisions (scores, confusion, every gate) use "
         "the decision_threshold train_classifier chose on validation and stored in its checkpoint.",
     )
-    segmenter_gate: Literal["none", "classifier"] = Field(
+    segmenter_gate: Literal["none", "classifier", "head"] = Field(
         "none",
         description="'classifier': the segmenter's mask of a tile the classifier calls negative is emptied "
-        "(a classification gate at inference; weakseg-predict --gate does the same).",
+        "(a classification gate at inference; weakseg-predict --gate --classifier does the same); 'head': of "
+        "a tile the segmenter's own classification head calls negative, at the threshold train_segmenter "
+        "chose on validation (weakseg-predict --gate).",
     )
     min_foreground_pixels: int = Field(64, ge=0, description="Tile positive if the prediction has more.")
     figure_tiles: int = Field(4, ge=1, le=32, description="Test tiles per class in the figures.")
