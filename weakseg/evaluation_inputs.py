@@ -89,6 +89,8 @@ def score_tiles(
     forward = make_forward(segmenter.model, classifier.model)
     classifier_threshold = classifier.decision_threshold
     head_threshold = segmenter.head_threshold
+    # The tile decision that gates the segmenter's mask (its tile_probabilities key is the gate's name).
+    gate_threshold = {"classifier": classifier_threshold, "head": head_threshold}.get(settings.segmenter_gate)
     images_folder, tissue_folder = inputs.normalized / "images", inputs.normalized / "tissue"
 
     def images() -> Iterator[tuple[int, np.ndarray]]:
@@ -115,11 +117,8 @@ def score_tiles(
             predicted &= tissue
         cam_mask = threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
         ungated = None
-        deciding = {"classifier": ("classifier", classifier_threshold), "head": ("head", head_threshold)}
-        if settings.segmenter_gate in deciding:
-            decider, cut = deciding[settings.segmenter_gate]
-            if prediction.tile_probabilities[decider] < cut:
-                ungated, predicted = predicted, np.zeros_like(predicted)
+        if gate_threshold is not None and prediction.tile_probabilities[settings.segmenter_gate] < gate_threshold:
+            ungated, predicted = predicted, np.zeros_like(predicted)
         record = TestTile(
             tile=tile,
             prediction=predicted,
