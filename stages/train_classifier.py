@@ -77,7 +77,13 @@ def _train(params: StageParams, context: DistributedContext) -> None:
 
     # Only train-partition tiles are decoded: the test partition is for `evaluate` alone.
     train_dataset, validation_dataset, tile_size = load_classifier_datasets(
-        DATA / "images", train_tiles, validation_tiles, settings.augment, params.seed
+        DATA / "images",
+        train_tiles,
+        validation_tiles,
+        settings.augment,
+        params.seed,
+        settings.crop_size,
+        settings.crops_per_tile,
     )
     train_labels = [tile.positive for tile in train_tiles]
     validation_labels = [tile.positive for tile in validation_tiles]

@@ -107,3 +107,45 @@ def test_tiles_of_another_size_or_shape_are_a_layout_error_naming_the_folder(
     with pytest.raises(LayoutError, match=message) as caught:
         classifier_data.load_classifier_datasets(tmp_path, tiles[:2], tiles[2:], AugmentParams(), seed=0)
     assert str(tmp_path) in str(caught.value)
+
+
+def test_crop_mode_trains_on_crops_of_the_tiles_and_validates_on_whole_tiles(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    tiles = []
+    for index in range(5):  # textured tiles, so a crop's place in its tile can be found
+        write_png(tmp_path / f"t{index}.png", rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8))
+        tiles.append(Tile(f"t{index}.png", "SSA" if index % 2 == 0 else "HP", "train", index % 2 == 0))
+    train, validation, tile_size = classifier_data.load_classifier_datasets(
+        tmp_path, tiles[:3], tiles[3:], AugmentParams(flips=False, rotate90=False, color_jitter=0.0, hue_jitter=0.0),
+        seed=0, crop_size=16, crops_per_tile=4,
+    )
+    assert tile_size == TILE and (len(train), len(validation)) == (12, 2)
+    # Item i is tile i % 3, so the labels repeat tile by tile, and a balanced draw sees every crop's label.
+    assert train.labels.tolist() == [1.0, 0.0, 1.0] * 4
+    crop, label = train[4]
+    assert crop.shape == (3, 16, 16) and float(label) == 0.0
+    whole, _ = validation[0]
+    assert whole.shape == (3, TILE, TILE)
+    # Each crop is a piece of its own tile: its pixels occur as a 16x16 window of the tile's tensor.
+    tile_tensor = TileDataset(train.images, [True, False, True])[1][0]
+    windows = tile_tensor.unfold(1, 16, 1).unfold(2, 16, 1)  # (3, positions, positions, 16, 16)
+    matches = (windows == crop[:, None, None]).all(dim=0).all(dim=-1).all(dim=-1)
+    assert bool(matches.any())
+    # Draws of one tile differ (fresh crops), and a re-seeded dataset repeats them.
+    train.set_augmentation_seed(7)
+    first = [train[i][0] for i in (1, 4, 7, 10)]
+    train.set_augmentation_seed(7)
+    again = [train[i][0] for i in (1, 4, 7, 10)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(first[0], other) for other in first[1:])
+
+
+def test_a_crop_larger_than_the_tiles_is_a_layout_error_naming_the_parameter(tmp_path: Path) -> None:
+    tiles = _write_tiles(tmp_path, [(TILE, TILE)] * 3)
+    with pytest.raises(LayoutError, match=rf"classifier.crop_size is {TILE + 1} px but the tiles are {TILE}x{TILE}"):
+        classifier_data.load_classifier_datasets(tmp_path, tiles[:2], tiles[2:], AugmentParams(), seed=0, crop_size=TILE + 1)
+
+
+def test_repeats_below_one_are_refused() -> None:
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        TileDataset(np.zeros((2, 8, 8, 3), dtype=np.uint8), [True, False], repeats=0)

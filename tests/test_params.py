@@ -139,6 +139,18 @@ def test_frozen_epochs_after_full_epoch_is_refused_naming_the_key() -> None:
     parse_params(_classifier(25, 8, 7, enabled=False))
 
 
+def test_several_crops_per_tile_without_a_crop_size_are_refused_naming_the_key() -> None:
+    raw = _project_params()
+    raw["classifier"].update(crop_size=None, crops_per_tile=4)
+    with pytest.raises(ParamsError, match=r"classifier\.crops_per_tile: needs classifier\.crop_size"):
+        parse_params(raw, "params.yaml")
+    raw["classifier"]["crop_size"] = 64
+    assert parse_params(raw).classifier.crops_per_tile == 4
+    raw["classifier"]["crop_size"] = 8
+    with pytest.raises(ParamsError, match=r"classifier\.crop_size"):
+        parse_params(raw, "params.yaml")
+
+
 def test_size_bounds_out_of_order_are_refused_naming_the_key() -> None:
     raw = _project_params()
     raw["segmenter"]["loss"] = {**raw["segmenter"].get("loss", {}), "size_lower": 0.8, "size_upper": 0.5}

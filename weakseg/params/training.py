@@ -78,6 +78,16 @@ class ClassifierParams(_Strict):
     unfreeze: UnfreezeParams = UnfreezeParams()
     augment: AugmentParams = AugmentParams()
     selection_metric: Literal["balanced_accuracy", "auc", "accuracy", "loss"] = "balanced_accuracy"
+    crop_size: int | None = Field(
+        None,
+        ge=16,
+        description="Train on random square crops of this many pixels, each with its tile's label (a small field "
+        "of view: many varied examples per tile for a model learning from scratch); validation, the decision "
+        "threshold, CAMs and every later use see whole tiles. null: whole tiles (the paper).",
+    )
+    crops_per_tile: int = Field(
+        1, ge=1, description="Crops drawn from each train tile per epoch (with crop_size; 1 otherwise)."
+    )
     balance: Literal["none", "sampler", "weight"] = Field(
         "none",
         description="Class imbalance of the training split: 'none'; 'sampler', each epoch a seeded class-balanced "
@@ -93,6 +103,17 @@ class ClassifierParams(_Strict):
     def _some_loss(self) -> ClassifierParams:
         if self.bce_weight == 0 and self.focal_tversky_weight == 0:
             raise ValueError("bce_weight and focal_tversky_weight cannot both be 0")
+        return self
+
+    @model_validator(mode="after")
+    def _crops_need_a_size(self) -> ClassifierParams:
+        if self.crops_per_tile > 1 and self.crop_size is None:
+            raise _key_error(
+                "ClassifierParams",
+                ("crops_per_tile",),
+                self.crops_per_tile,
+                "needs classifier.crop_size: several draws of a whole tile are the same tile",
+            )
         return self
 
     @model_validator(mode="after")

@@ -12,14 +12,17 @@ import albumentations as A
 from weakseg.params import AugmentParams
 
 
-def build_augmentation(params: AugmentParams, seed: int) -> A.Compose:
+def build_augmentation(params: AugmentParams, seed: int, crop_size: int | None = None) -> A.Compose:
     """Flips, 90-degree rotations and mild colour jitter (H&E tiles have no canonical orientation).
 
     Args:
         params: which transforms and how strong.
         seed: the pipeline's seed; re-seed per epoch for different but repeatable draws.
+        crop_size: first cut a random ``crop_size`` square out of the tile (None: keep the whole tile).
     """
     transforms: list[A.BasicTransform] = []
+    if crop_size is not None:
+        transforms.append(A.RandomCrop(crop_size, crop_size))
     if params.flips:
         transforms += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
     if params.rotate90:

@@ -198,13 +198,18 @@ def load_classifier_datasets(
     validation_tiles: Sequence[Tile],
     augment: AugmentParams,
     seed: int,
+    crop_size: int | None = None,
+    crops_per_tile: int = 1,
 ) -> tuple[TileDataset, TileDataset, int]:
     """Decodes the split's tiles: the augmented training set, the validation set, and their tile size.
 
-    Only these tiles are decoded (the stage never passes a test-partition tile).
+    Only these tiles are decoded (the stage never passes a test-partition tile). With ``crop_size`` the
+    training set yields ``crops_per_tile`` random crops of that size per tile and epoch; validation keeps
+    whole tiles.
 
     Raises:
-        LayoutError: if the train and validation tiles differ in size, or the tiles are not square.
+        LayoutError: if the train and validation tiles differ in size, the tiles are not square, or
+            ``crop_size`` is larger than a tile.
     """
     train_images = load_tiles(images_folder, train_tiles, "loading train tiles")
     validation_images = load_tiles(images_folder, validation_tiles, "loading validation tiles")
@@ -216,7 +221,17 @@ def load_classifier_datasets(
     height, width = train_images.shape[1:3]
     if height != width:
         raise LayoutError(f"{images_folder}: tiles are {width}x{height}; the classifier expects square tiles")
+    if crop_size is not None and crop_size > height:
+        raise LayoutError(
+            f"{images_folder}: classifier.crop_size is {crop_size} px but the tiles are {width}x{height}; "
+            f"expected a crop no larger than a tile"
+        )
     train_labels = [tile.positive for tile in train_tiles]
     validation_labels = [tile.positive for tile in validation_tiles]
-    train_dataset = TileDataset(train_images, train_labels, augmentation=build_augmentation(augment, seed))
+    train_dataset = TileDataset(
+        train_images,
+        train_labels,
+        augmentation=build_augmentation(augment, seed, crop_size),
+        repeats=crops_per_tile if crop_size is not None else 1,
+    )
     return train_dataset, TileDataset(validation_images, validation_labels), int(height)

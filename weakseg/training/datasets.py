@@ -92,6 +92,10 @@ class TileDataset(Dataset):
     Items are ``(image, label)`` or ``(image, label, mask)``: a normalized float tensor ``(3, H, W)``,
     a float label (1.0 positive), and a float mask ``(1, H, W)`` (0, 1, or 255 where the loss ignores the
     pixel; boolean or uint8 masks are both accepted, and the 255 label moves with the geometric transforms).
+
+    With ``repeats`` above 1 the dataset holds every tile that many times over (item ``i`` is tile
+    ``i % len(images)``, augmented afresh each time): an epoch of random crops then draws several per tile.
+    ``labels`` is the per-item label array, repeated alike, so a class-balanced sampler sees the repeats.
     """
 
     def __init__(
@@ -100,19 +104,22 @@ class TileDataset(Dataset):
         labels: Sequence[bool] | np.ndarray,
         masks: np.ndarray | None = None,
         augmentation: A.Compose | None = None,
+        repeats: int = 1,
     ) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
         if len(images) != len(labels) or (masks is not None and len(masks) != len(images)):
             raise ValueError(
                 f"images ({len(images)}), labels ({len(labels)}) and masks "
                 f"({None if masks is None else len(masks)}) must have one entry per tile"
             )
         self.images = images
-        self.labels = np.asarray(labels, dtype=np.float32)
+        self.labels = np.tile(np.asarray(labels, dtype=np.float32), repeats)
         self.masks = masks
         self.augmentation = augmentation
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.labels)
 
     def set_augmentation_seed(self, seed: int) -> None:
         """Re-seeds the augmentation pipeline (once per epoch, so epochs differ but runs repeat)."""
@@ -120,6 +127,8 @@ class TileDataset(Dataset):
             self.augmentation.set_random_seed(seed)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        label = torch.tensor(self.labels[index])
+        index = index % len(self.images)
         image = self.images[index]
         mask = None if self.masks is None else self.masks[index].astype(np.uint8)
         if self.augmentation is not None:
@@ -129,7 +138,6 @@ class TileDataset(Dataset):
                 out = self.augmentation(image=image, mask=mask)
                 image, mask = out["image"], out["mask"]
         image_tensor = tile_to_tensor(image)
-        label = torch.tensor(self.labels[index])
         if mask is None:
             return image_tensor, label
         mask_tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
