@@ -151,14 +151,15 @@ LADDER = (
 )
 DATASET_METHODS = {
     "demo": (*LADDER, "weakseg_with_tile_label_losses"),
-    "ebhi-hgin-polyp": LADDER,
+    "ebhi-hgin-polyp": (*LADDER, "weakseg_crop_classifier"),
     "ebhi-hgin-polyp-imbalanced": (
         "weakseg",
         "weakseg_cam_layer4",
         "weakseg_without_negative_oversampling",
+        "weakseg_crop_classifier",
         "fully_supervised",
     ),
-    "ebhi-hgin-polyp-mostly-positive": ("weakseg", "fully_supervised"),
+    "ebhi-hgin-polyp-mostly-positive": ("weakseg", "weakseg_crop_classifier", "fully_supervised"),
 }
 IMBALANCED_RATIO = 10  # positive tiles per negative tile kept in a partition of the imbalanced variants
 # The variants made from EBHI: where each lives, and the partitions whose negatives it thins.
