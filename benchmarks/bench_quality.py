@@ -150,7 +150,7 @@ LADDER = (
     "weakseg_with_background_seeds",
 )
 DATASET_METHODS = {
-    "demo": (*LADDER, "weakseg_with_tile_label_losses"),
+    "demo": (*LADDER, "weakseg_with_tile_label_losses", "weakseg_crop_classifier"),
     "ebhi-hgin-polyp": (*LADDER, "weakseg_crop_classifier"),
     "ebhi-hgin-polyp-imbalanced": (
         "weakseg",
