@@ -7,19 +7,22 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
 
 - ``weakseg``: the default method (the dataset's preset as it stands);
 - ``paper``: the paper's chain at the same CPU budget (the preset with ``presets/paper-mhist.yaml``'s
-  ``cam`` and ``refine`` sections and its ``evaluate.segmenter_gate``; the same classifier as ``weakseg``, so
-  the rows differ in the pseudo-masks only); a run whose params equal another row's is not run twice;
-- ``fully_supervised``: the same preset with ``segmenter.targets: truth`` (the yardstick);
+  ``cam`` and ``refine`` sections and its ``evaluate.segmenter_gate``, and the classifier trained on whole
+  tiles, as the paper's is); a run whose params equal another row's is not run twice;
+- ``fully_supervised``: the same preset with ``segmenter.targets: truth`` (the yardstick), its segmenter
+  started from the whole-tile classifier's backbone as it was before the crop classifier;
 - from each ``weakseg`` run's ``metrics/evaluate.json``: ``tissue_if_classified_positive`` (all tissue on
   tiles that run's classifier calls positive), ``tissue_if_label_positive_oracle_label``, and the ablation
   rows ``cam_thresholded`` and ``pseudo_masks`` (classifier-gated, as the pipeline would output them);
 - ablations read from the trained runs' ``evaluate.json``: ``paper_classifier_gated`` (the paper's
-  segmenter with the classification gate), ``weakseg_classifier_gated`` (weakseg with it) and
-  ``weakseg_head_gated`` (weakseg gated by its own head);
+  segmenter with the classification gate), ``weakseg_ungated`` (weakseg without its gate) and
+  ``weakseg_head_gated`` (weakseg gated by its own head instead);
 - trained ablation rows (:data:`ABLATIONS`), the ladder from the paper's chain to the default, one
-  component at a time: ``paper_without_crf``, then the ignore band (= ``weakseg``), then the tile-label
-  losses (``weakseg_with_tile_label_losses``); on the imbalanced variant, ``weakseg`` without its negative
-  oversampling (``weakseg_without_negative_oversampling``).
+  component at a time: ``paper_without_crf``, the ignore band (``weakseg_cam_layer4``), the CAM on layer3
+  (``weakseg_without_background_seeds``), background seeds (``weakseg_whole_tile_classifier``), the crop
+  classifier (``weakseg_ungated``), its gate (``weakseg``); contrasts off the whole-tile row: the tile-label
+  losses (``weakseg_with_tile_label_losses``), a fixed background share, and on the imbalanced variant no
+  negative oversampling (``weakseg_without_negative_oversampling``).
 
 ``ebhi-hgin-polyp-imbalanced`` is EBHI with most negative *train* tiles dropped (10 positives to 1
 negative, a seeded choice; :func:`make_imbalanced_variant`, links in the workspace, nothing copied into
@@ -90,10 +93,10 @@ VARIANT_ROWS = {
         "segmenter_classifier_gated.vs_truth",
         "the paper's segmenter, classifier-gated",
     ),
-    "weakseg_classifier_gated": (
+    "weakseg_ungated": (
         "weakseg",
-        "segmenter_classifier_gated.vs_truth",
-        "weakseg with the classification gate (evaluate.segmenter_gate: classifier)",
+        "segmenter_ungated.vs_truth",
+        "ablation: weakseg without the classifier's gate (evaluate.segmenter_gate: none)",
     ),
     "weakseg_head_gated": (
         "weakseg",
@@ -104,31 +107,44 @@ VARIANT_ROWS = {
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
-    "weakseg": "the default method (layer3 CAM, ignore band with background seeds of the measured normal share, no CRF, balanced classifier, scarce negatives repeated), tile labels only",
+    "weakseg": "the default method (layer3 CAM, ignore band with background seeds of the measured normal share, no CRF, balanced classifier trained on 64 px crops and gating the mask, scarce negatives repeated), tile labels only",
+    "weakseg_whole_tile_classifier": "ablation: weakseg with its classifier trained on whole tiles, no gate (weakseg's default before the crop classifier)",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
     "weakseg_cam_layer4": "ablation: weakseg without background seeds, CAM on layer4 (the paper's layer; weakseg's default before this ladder)",
     "weakseg_without_background_seeds": "ablation: weakseg without background seeds in positive tiles (refine.background_quantile 0: the whole band below the CAM cut ignored)",
     "weakseg_with_background_seeds": "ablation: weakseg with a fixed background share instead of the estimate (the lowest 20 % of a positive tile's CAM; foreground: the top 40 %)",
     "weakseg_without_negative_oversampling": "ablation: weakseg without repeating the scarce negative tiles",
-    "weakseg_crop_classifier": "candidate: weakseg with its classifier trained on 64 px crops (16 per tile and epoch, 8 epochs)",
+    "weakseg_crop_classifier": "contrast (demo): the demo with the EBHI preset's crop classifier (64 px crops, 16 per tile and epoch, 8 epochs), ungated",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
 # Trained ablation rows: (the row it changes, the dotted params it sets).
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper_without_crf": ("paper", {"refine.crf.enabled": False}),
-    "weakseg_cam_layer4": ("weakseg", {"cam.target_layer": "layer4", "refine.background_quantile": 0.0}),
-    "weakseg_without_background_seeds": ("weakseg", {"refine.background_quantile": 0.0}),
+    # The rows below the crop classifier in the ladder keep the whole-tile classifier, one change at a time.
+    "weakseg_cam_layer4": (
+        "weakseg_whole_tile_classifier",
+        {"cam.target_layer": "layer4", "refine.background_quantile": 0.0},
+    ),
+    "weakseg_without_background_seeds": ("weakseg_whole_tile_classifier", {"refine.background_quantile": 0.0}),
     "weakseg_with_background_seeds": (
-        "weakseg",
+        "weakseg_whole_tile_classifier",
         {"refine.background_quantile": 0.2, "refine.threshold_quantile": 0.6},
     ),
-    "weakseg_without_negative_oversampling": ("weakseg", {"segmenter.curriculum.oversample_negatives": False}),
+    "weakseg_without_negative_oversampling": (
+        "weakseg_whole_tile_classifier",
+        {"segmenter.curriculum.oversample_negatives": False},
+    ),
     "weakseg_crop_classifier": (
         "weakseg",
-        {"classifier.crop_size": 64, "classifier.crops_per_tile": 16, "classifier.epochs": 8},
+        {
+            "classifier.crop_size": 64,
+            "classifier.crops_per_tile": 16,
+            "classifier.epochs": 8,
+            "evaluate.segmenter_gate": "none",
+        },
     ),
     "weakseg_with_tile_label_losses": (
-        "weakseg",
+        "weakseg_whole_tile_classifier",
         {
             "segmenter.loss.multiple_instance": 0.5,
             "segmenter.loss.multiple_instance_top_fraction": 0.2,
@@ -142,6 +158,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 # demo only); the imbalanced variant tests the default's robustness only.
 LADDER = (
     "weakseg",
+    "weakseg_whole_tile_classifier",
     "fully_supervised",
     "paper",
     "paper_without_crf",
@@ -151,16 +168,18 @@ LADDER = (
 )
 DATASET_METHODS = {
     "demo": (*LADDER, "weakseg_with_tile_label_losses", "weakseg_crop_classifier"),
-    "ebhi-hgin-polyp": (*LADDER, "weakseg_crop_classifier"),
+    "ebhi-hgin-polyp": LADDER,
     "ebhi-hgin-polyp-imbalanced": (
         "weakseg",
+        "weakseg_whole_tile_classifier",
         "weakseg_cam_layer4",
         "weakseg_without_negative_oversampling",
-        "weakseg_crop_classifier",
         "fully_supervised",
     ),
-    "ebhi-hgin-polyp-mostly-positive": ("weakseg", "weakseg_crop_classifier", "fully_supervised"),
+    "ebhi-hgin-polyp-mostly-positive": ("weakseg", "weakseg_whole_tile_classifier", "fully_supervised"),
 }
+# classifier.epochs of the whole-tile classifier (the presets' budget before crops), per preset.
+WHOLE_TILE_EPOCHS = {"demo": 20, "ebhi": 6}
 IMBALANCED_RATIO = 10  # positive tiles per negative tile kept in a partition of the imbalanced variants
 # The variants made from EBHI: where each lives, and the partitions whose negatives it thins.
 IMBALANCED_VARIANTS = {
@@ -182,8 +201,9 @@ ROW_ORDER = [
     "paper_classifier_gated",
     "paper_without_crf",
     "weakseg",
-    "weakseg_classifier_gated",
+    "weakseg_ungated",
     "weakseg_head_gated",
+    "weakseg_whole_tile_classifier",
     "weakseg_cam_layer4",
     "weakseg_without_background_seeds",
     "weakseg_with_background_seeds",
@@ -218,15 +238,30 @@ def dataset_params(dataset: str, seed: int) -> dict[str, Any]:
     return params
 
 
+def whole_tile_classifier(params: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """``params`` with the classifier trained on whole tiles at the budget it had before crops."""
+    _set(params, "classifier.crop_size", None)
+    _set(params, "classifier.crops_per_tile", 1)
+    _set(params, "classifier.epochs", WHOLE_TILE_EPOCHS["demo" if dataset == "demo" else "ebhi"])
+    return params
+
+
 def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
     """The params of one trained row."""
     params = dataset_params(dataset, seed)
     if method == "paper":
+        # The paper's chain keeps the paper's classifier: whole tiles.
         paper = yaml.safe_load((PROJECT_ROOT / "presets" / "paper-mhist.yaml").read_text())
         params["cam"], params["refine"] = paper["cam"], paper["refine"]
         params["evaluate"]["segmenter_gate"] = paper["evaluate"]["segmenter_gate"]
+        whole_tile_classifier(params, dataset)
     elif method == "fully_supervised":
+        # The yardstick's segmenter starts from the same whole-tile classifier's backbone as before.
         _set(params, "segmenter.targets", "truth")
+        whole_tile_classifier(params, dataset)
+    elif method == "weakseg_whole_tile_classifier":
+        whole_tile_classifier(params, dataset)
+        _set(params, "evaluate.segmenter_gate", "none")
     elif method in ABLATIONS:
         base, changes = ABLATIONS[method]
         params = method_params(dataset, base, seed)

@@ -72,6 +72,7 @@ def test_paper_and_reference_rows_differ_from_the_default_only_where_they_should
     weak = bench_quality.method_params("demo", "weakseg", 1)
     full = bench_quality.method_params("demo", "fully_supervised", 1)
     assert weak["seed"] == 1 and weak["data"]["synthetic"]["seed"] == 1
+    assert full["classifier"] == bench_quality.method_params("demo", "weakseg_whole_tile_classifier", 1)["classifier"]
     assert full["segmenter"]["targets"] == "truth"
     assert {key: value for key, value in full["segmenter"].items() if key != "targets"} == {
         key: value for key, value in weak["segmenter"].items() if key != "targets"
@@ -149,7 +150,21 @@ def test_ablation_rows_change_only_their_component() -> None:
     assert without_crf["refine"]["crf"]["enabled"] is False
     without_crf["refine"]["crf"]["enabled"] = paper["refine"]["crf"]["enabled"]
     assert without_crf == paper
-    weak = bench_quality.method_params("demo", "weakseg", 0)
+    # On the real-H&E preset the crop classifier and its gate are the one step from the whole-tile row to the
+    # default; the demo's default is the whole-tile row.
+    default = bench_quality.method_params("ebhi-hgin-polyp", "weakseg", 0)
+    whole = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_whole_tile_classifier", 0)
+    assert default["classifier"]["crop_size"] is not None and whole["classifier"]["crop_size"] is None
+    assert (default["evaluate"]["segmenter_gate"], whole["evaluate"]["segmenter_gate"]) == ("classifier", "none")
+    for key in ("crop_size", "crops_per_tile", "epochs"):
+        whole["classifier"][key] = default["classifier"][key]
+    whole["evaluate"]["segmenter_gate"] = "classifier"
+    assert whole == default
+    weak = bench_quality.method_params("demo", "weakseg_whole_tile_classifier", 0)
+    assert weak == bench_quality.method_params("demo", "weakseg", 0)
+    # The paper's chain and the yardstick keep the whole-tile classifier.
+    assert paper["classifier"] == weak["classifier"]
+    assert bench_quality.method_params("demo", "fully_supervised", 0)["classifier"] == weak["classifier"]
     losses = bench_quality.method_params("demo", "weakseg_with_tile_label_losses", 0)
     assert losses["segmenter"]["loss"]["multiple_instance"] > 0 and losses["segmenter"]["loss"]["size"] > 0
     assert {key: value for key, value in losses.items() if key != "segmenter"} == {
@@ -169,5 +184,6 @@ def test_ablation_rows_change_only_their_component() -> None:
     assert without == weak
     seeds = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_with_background_seeds", 1)
     assert seeds["refine"]["background_quantile"] < seeds["refine"]["threshold_quantile"]
-    seeds["refine"] = bench_quality.method_params("ebhi-hgin-polyp", "weakseg", 1)["refine"]
-    assert seeds == bench_quality.method_params("ebhi-hgin-polyp", "weakseg", 1)
+    whole = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_whole_tile_classifier", 1)
+    seeds["refine"] = whole["refine"]
+    assert seeds == whole

@@ -384,3 +384,43 @@ def test_stage_stores_and_reports_the_validation_decision_threshold(trained: dic
     mlflow.set_tracking_uri(trained["uri"])
     run = mlflow.search_runs(experiment_names=["weakseg"], output_format="list")[0]
     assert run.data.metrics["best.decision.threshold"] == pytest.approx(payload["decision_threshold"])
+
+
+# ------------------------------------------------------------------------------------- crop training
+def test_crop_training_steps_over_every_crop_and_keeps_whole_tile_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training batches are crops (3 per tile and epoch, so 3x the steps); the checkpoint and its reported
+    validation metrics are of whole tiles."""
+    shapes: list[tuple[int, ...]] = []
+    original = loop.train_epoch
+
+    def spy(batches: Any, *args: Any, **kwargs: Any) -> Any:
+        def recorded() -> Iterator[Any]:
+            for batch in batches:
+                shapes.append(tuple(batch[0].shape))
+                yield batch
+        return original(recorded(), *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_epoch", spy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    torch.set_num_threads(1)
+    project = tmp_path / "project"
+    project.mkdir()
+    assert run_in(project, monkeypatch, {"crop_size": 16, "crops_per_tile": 3, "epochs": 1}) == 0
+    train_tiles = 16 - 4  # make_dataset's train partition less the validation split (Params() default)
+    assert all(shape[1:] == (3, 16, 16) for shape in shapes)
+    assert sum(shape[0] for shape in shapes) == train_tiles * 3 // 4 * 4  # whole batches of 4 crops
+    _, validation, probabilities = _validation_probabilities(project)
+    reported = json.loads((project / "metrics" / "classifier.json").read_text())
+    scores = classification_scores([tile.positive for tile in validation], probabilities)
+    assert scores["auc"] == pytest.approx(reported["validation"]["auc"], abs=1e-9)
+    assert torch.load(project / "models" / "classifier.pt", weights_only=True)["tile_size"] == TILE
+
+
+def test_a_crop_larger_than_the_tiles_stops_the_stage_naming_the_parameter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_in(tmp_path, monkeypatch, {"crop_size": TILE * 2}) == 2
+    assert f"classifier.crop_size is {TILE * 2} px" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "classifier.pt").exists()
