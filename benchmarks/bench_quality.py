@@ -107,7 +107,7 @@ VARIANT_ROWS = {
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
-    "weakseg": "the default method (layer3 CAM, ignore band with background seeds of the measured normal share, no CRF, balanced classifier trained on 64 px crops and gating the mask, scarce negatives repeated), tile labels only",
+    "weakseg": "the default method (layer3 CAM, ignore band with background seeds of the measured normal share, no CRF, balanced classifier, on the EBHI sets trained on 64 px crops and gating the mask, scarce negatives repeated), tile labels only",
     "weakseg_whole_tile_classifier": "ablation: weakseg with its classifier trained on whole tiles, no gate (weakseg's default before the crop classifier)",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
     "weakseg_cam_layer4": "ablation: weakseg without background seeds, CAM on layer4 (the paper's layer; weakseg's default before this ladder)",
@@ -451,7 +451,7 @@ def quality_table(runs: dict[str, Any], datasets: Sequence[str], seeds: Sequence
                 for key, value in (_scores(weak["metrics"], path) or {}).items():
                     entry[key].append(round(value, 4))
                 entry["seconds"].append(weak["seconds"])
-            sources = [(row, row, "segmenter.vs_truth") for row in TRAINED_ROWS]
+            sources = [(row, row, "segmenter.vs_truth") for row in TRAINED_ROWS if row in DATASET_METHODS[dataset]]
             sources += [(row, source, path) for row, (source, path, _) in VARIANT_ROWS.items()]
             for row, source, path in sources:
                 run = runs.get(f"{dataset}/{source}/{seed}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +97,17 @@ def test_a_resumed_benchmark_runs_only_what_is_missing(tmp_path: Path, monkeypat
     bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path, methods=["weakseg", "paper"])
     assert ran == ["pseudo"]  # paper only: weakseg was finished, the other rows were not asked for
     bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
-    rows = len(bench_quality.DATASET_METHODS["demo"])
-    assert ran[1] == "truth" and len(ran) == rows - 1  # every row but the finished weakseg and paper
+    rows = bench_quality.DATASET_METHODS["demo"]
+    # On the demo the whole-tile row is the default itself: one run serves both.
+    assert bench_quality.method_params("demo", "weakseg_whole_tile_classifier", 0) == runs["demo/weakseg/0"]["params"]
+    distinct = len({json.dumps(bench_quality.method_params("demo", row, 0), sort_keys=True) for row in rows})
+    assert distinct == len(rows) - 1
+    assert ran[1] == "truth" and len(ran) == distinct - 1  # every run but the finished weakseg and paper
     assert runs["demo/weakseg/0"]["seconds"] == 9.0
+    assert runs["demo/weakseg_whole_tile_classifier/0"]["same_as"] == "demo/weakseg/0"
     monkeypatch.setattr(bench_quality, "sync_code", lambda project: "code-2")  # new code: everything again
     bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
-    assert len(ran) == 2 * rows - 1
+    assert len(ran) == 2 * distinct - 1
 
 
 def test_imbalanced_variant_keeps_one_negative_per_ratio_positives_in_the_partitions_asked(
