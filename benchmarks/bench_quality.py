@@ -238,12 +238,11 @@ def dataset_params(dataset: str, seed: int) -> dict[str, Any]:
     return params
 
 
-def whole_tile_classifier(params: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """``params`` with the classifier trained on whole tiles at the budget it had before crops."""
+def whole_tile_classifier(params: dict[str, Any], dataset: str) -> None:
+    """Sets ``params``' classifier to whole tiles, at the budget it had before crops."""
     _set(params, "classifier.crop_size", None)
     _set(params, "classifier.crops_per_tile", 1)
     _set(params, "classifier.epochs", WHOLE_TILE_EPOCHS["demo" if dataset == "demo" else "ebhi"])
-    return params
 
 
 def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:

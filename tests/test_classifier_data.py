@@ -121,7 +121,7 @@ def test_crop_mode_trains_on_crops_of_the_tiles_and_validates_on_whole_tiles(tmp
     )
     assert tile_size == TILE and (len(train), len(validation)) == (12, 2)
     # Item i is tile i % 3, so the labels repeat tile by tile, and a balanced draw sees every crop's label.
-    assert train.labels.tolist() == [1.0, 0.0, 1.0] * 4
+    assert train.labels.tolist() == [1.0, 0.0, 1.0] * 4 and train.tile_labels.tolist() == [1.0, 0.0, 1.0]
     crop, label = train[4]
     assert crop.shape == (3, 16, 16) and float(label) == 0.0
     whole, _ = validation[0]

@@ -240,7 +240,7 @@ def train_classifier(
         model = prepare_model(model, distributed)
     model.to(device)
     # One label per tile, not per crop drawn from it: the counts a user recognises (the ratio is the same).
-    train_labels = np.asarray(train_dataset.labels[: len(train_dataset.images)]) > 0.5
+    train_labels = train_dataset.tile_labels > 0.5
     pos_weight = positive_weight(train_labels) if params.balance == "weight" else None
     LOGGER.info(describe_balance(params.balance, train_labels, pos_weight))
     loss_function = build_loss(params, pos_weight)

@@ -121,6 +121,11 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def tile_labels(self) -> np.ndarray:
+        """One label per tile (``labels`` without its repeats)."""
+        return self.labels[: len(self.images)]
+
     def set_augmentation_seed(self, seed: int) -> None:
         """Re-seeds the augmentation pipeline (once per epoch, so epochs differ but runs repeat)."""
         if self.augmentation is not None:
