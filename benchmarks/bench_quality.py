@@ -107,14 +107,13 @@ VARIANT_ROWS = {
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
-    "weakseg": "the default method (layer3 CAM, ignore band with background seeds of the measured normal share, no CRF, balanced classifier, on the EBHI sets trained on 64 px crops and gating the mask, scarce negatives repeated), tile labels only",
+    "weakseg": "the default method (a balanced classifier trained on 64 px crops, which also gates the mask; layer3 CAM; ignore band with background seeds of the normal share measured on its crops; no CRF; scarce negatives repeated), tile labels only",
     "weakseg_whole_tile_classifier": "ablation: weakseg with its classifier trained on whole tiles, no gate (weakseg's default before the crop classifier)",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
     "weakseg_cam_layer4": "ablation: weakseg without background seeds, CAM on layer4 (the paper's layer; weakseg's default before this ladder)",
     "weakseg_without_background_seeds": "ablation: weakseg without background seeds in positive tiles (refine.background_quantile 0: the whole band below the CAM cut ignored)",
     "weakseg_with_background_seeds": "ablation: weakseg with a fixed background share instead of the estimate (the lowest 20 % of a positive tile's CAM; foreground: the top 40 %)",
     "weakseg_without_negative_oversampling": "ablation: weakseg without repeating the scarce negative tiles",
-    "weakseg_crop_classifier": "contrast (demo): the demo with the EBHI preset's crop classifier (64 px crops, 16 per tile and epoch, 8 epochs), ungated",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
 # Trained ablation rows: (the row it changes, the dotted params it sets).
@@ -133,15 +132,6 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "weakseg_without_negative_oversampling": (
         "weakseg_whole_tile_classifier",
         {"segmenter.curriculum.oversample_negatives": False},
-    ),
-    "weakseg_crop_classifier": (
-        "weakseg",
-        {
-            "classifier.crop_size": 64,
-            "classifier.crops_per_tile": 16,
-            "classifier.epochs": 8,
-            "evaluate.segmenter_gate": "none",
-        },
     ),
     "weakseg_with_tile_label_losses": (
         "weakseg_whole_tile_classifier",
@@ -167,7 +157,7 @@ LADDER = (
     "weakseg_with_background_seeds",
 )
 DATASET_METHODS = {
-    "demo": (*LADDER, "weakseg_with_tile_label_losses", "weakseg_crop_classifier"),
+    "demo": (*LADDER, "weakseg_with_tile_label_losses"),
     "ebhi-hgin-polyp": LADDER,
     "ebhi-hgin-polyp-imbalanced": (
         "weakseg",
@@ -209,7 +199,6 @@ ROW_ORDER = [
     "weakseg_with_background_seeds",
     "weakseg_with_tile_label_losses",
     "weakseg_without_negative_oversampling",
-    "weakseg_crop_classifier",
     "fully_supervised",
 ]
 

@@ -98,13 +98,16 @@ def test_a_resumed_benchmark_runs_only_what_is_missing(tmp_path: Path, monkeypat
     assert ran == ["pseudo"]  # paper only: weakseg was finished, the other rows were not asked for
     bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
     rows = bench_quality.DATASET_METHODS["demo"]
-    # On the demo the whole-tile row is the default itself: one run serves both.
-    assert bench_quality.method_params("demo", "weakseg_whole_tile_classifier", 0) == runs["demo/weakseg/0"]["params"]
     distinct = len({json.dumps(bench_quality.method_params("demo", row, 0), sort_keys=True) for row in rows})
-    assert distinct == len(rows) - 1
-    assert ran[1] == "truth" and len(ran) == distinct - 1  # every run but the finished weakseg and paper
+    assert distinct == len(rows)
+    assert ran[1] == "pseudo" and len(ran) == distinct - 1  # every run but the finished weakseg and paper
     assert runs["demo/weakseg/0"]["seconds"] == 9.0
-    assert runs["demo/weakseg_whole_tile_classifier/0"]["same_as"] == "demo/weakseg/0"
+    # A row whose params equal a finished row's is that run, not a second one.
+    monkeypatch.setitem(bench_quality.DATASET_METHODS, "demo", (*rows, "weakseg_twin"))
+    monkeypatch.setitem(bench_quality.ABLATIONS, "weakseg_twin", ("weakseg", {}))
+    bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
+    assert runs["demo/weakseg_twin/0"]["same_as"] == "demo/weakseg/0" and len(ran) == distinct - 1
+    monkeypatch.setitem(bench_quality.DATASET_METHODS, "demo", rows)
     monkeypatch.setattr(bench_quality, "sync_code", lambda project: "code-2")  # new code: everything again
     bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path)
     assert len(ran) == 2 * distinct - 1
@@ -156,18 +159,17 @@ def test_ablation_rows_change_only_their_component() -> None:
     assert without_crf["refine"]["crf"]["enabled"] is False
     without_crf["refine"]["crf"]["enabled"] = paper["refine"]["crf"]["enabled"]
     assert without_crf == paper
-    # On the real-H&E preset the crop classifier and its gate are the one step from the whole-tile row to the
-    # default; the demo's default is the whole-tile row.
-    default = bench_quality.method_params("ebhi-hgin-polyp", "weakseg", 0)
-    whole = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_whole_tile_classifier", 0)
-    assert default["classifier"]["crop_size"] is not None and whole["classifier"]["crop_size"] is None
-    assert (default["evaluate"]["segmenter_gate"], whole["evaluate"]["segmenter_gate"]) == ("classifier", "none")
-    for key in ("crop_size", "crops_per_tile", "epochs"):
-        whole["classifier"][key] = default["classifier"][key]
-    whole["evaluate"]["segmenter_gate"] = "classifier"
-    assert whole == default
+    # The crop classifier and its gate are the one step from the whole-tile row to the default, on both presets.
+    for dataset in ("demo", "ebhi-hgin-polyp"):
+        default = bench_quality.method_params(dataset, "weakseg", 0)
+        whole = bench_quality.method_params(dataset, "weakseg_whole_tile_classifier", 0)
+        assert default["classifier"]["crop_size"] is not None and whole["classifier"]["crop_size"] is None
+        assert (default["evaluate"]["segmenter_gate"], whole["evaluate"]["segmenter_gate"]) == ("classifier", "none")
+        for key in ("crop_size", "crops_per_tile", "epochs"):
+            whole["classifier"][key] = default["classifier"][key]
+        whole["evaluate"]["segmenter_gate"] = "classifier"
+        assert whole == default
     weak = bench_quality.method_params("demo", "weakseg_whole_tile_classifier", 0)
-    assert weak == bench_quality.method_params("demo", "weakseg", 0)
     # The paper's chain and the yardstick keep the whole-tile classifier.
     assert paper["classifier"] == weak["classifier"]
     assert bench_quality.method_params("demo", "fully_supervised", 0)["classifier"] == weak["classifier"]

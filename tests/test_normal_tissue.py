@@ -15,7 +15,10 @@ from weakseg.models import build_classifier
 from weakseg.normal_tissue import (
     MIN_REFERENCE_TILES,
     class_evidence_maps,
+    crop_evidence_maps,
+    crop_starts,
     estimate_normal_tissue_fraction,
+    tissue_evidence,
 )
 
 
@@ -30,6 +33,61 @@ def test_evidence_map_averages_to_the_classifier_logit() -> None:
     assert grid.shape == (2, 3, 3) and upsampled.shape == (2, 96, 96)
     torch.testing.assert_close(grid.mean(dim=(1, 2)), logits, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(grid[0], grid[0].mean())  # a map, not a constant
+
+
+class _MeanOfFirstChannel(torch.nn.Module):
+    """A stand-in classifier whose logit is the mean of its input's first channel: lesion pixels are 1."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images[:, :1].mean(dim=(2, 3))
+
+
+def test_crop_starts_cover_the_length_with_the_last_crop_flush() -> None:
+    assert crop_starts(10, 4, 3) == [0, 3, 6]
+    assert crop_starts(10, 4, 4) == [0, 4, 6]
+    assert crop_starts(4, 8, 2) == [0]
+
+
+def test_crop_evidence_is_the_lowest_crop_logit_holding_each_pixel() -> None:
+    images = torch.zeros(1, 3, 8, 8)
+    images[0, 0, :2, :2] = 1.0  # a 2x2 lesion in the corner; only the corner crop holds it
+    maps = crop_evidence_maps(_MeanOfFirstChannel(), images, crop_size=4, stride=2, batch_size=3)
+    expected = torch.zeros(1, 8, 8)
+    expected[0, :2, :2] = 4 / 16  # no crop without the lesion holds the corner pixels
+    torch.testing.assert_close(maps, expected)
+    # Next to the lesion, a whole-tile view would see it; the crop that clears the lesion says normal.
+    assert maps[0, 2, 2] == 0.0
+
+
+def test_crop_evidence_of_an_image_no_larger_than_the_crop_is_its_logit() -> None:
+    images = torch.zeros(2, 3, 6, 6)
+    images[1, 0, :3] = 1.0
+    maps = crop_evidence_maps(_MeanOfFirstChannel(), images, crop_size=8)
+    torch.testing.assert_close(maps, torch.tensor([0.0, 0.5])[:, None, None].expand(2, 6, 6))
+
+
+def test_crop_evidence_recovers_the_normal_share_next_to_a_lesion() -> None:
+    # Tile i's normal tissue scores i (its first channel), in both classes; a positive tile also holds a
+    # lesion band over its top quarter. Every pixel lies within a crop's reach of the lesion, but crops
+    # clear of it score the tile's normal level, so the lower half of the levels counts the three normal
+    # quarters of a positive tile as below the negatives' median: 0.5 * 0.75 below the cut, share 0.75.
+    levels = np.arange(MIN_REFERENCE_TILES, dtype=np.uint8)
+    negatives = np.zeros((MIN_REFERENCE_TILES, 32, 32, 3), dtype=np.uint8)
+    negatives[..., 0] = levels[:, None, None]
+    positives = negatives.copy()
+    positives[:, :8, :, 0] = 255
+    tissue = np.ones((MIN_REFERENCE_TILES, 32, 32), dtype=bool)
+    preprocessing = {"tile_size": 32, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "scale": 255.0}
+    device = torch.device("cpu")
+    classifier = _MeanOfFirstChannel()
+    negative_values = tissue_evidence(classifier, negatives, tissue, device, preprocessing, crop_size=16)
+    positive_values = tissue_evidence(classifier, positives, tissue, device, preprocessing, crop_size=16)
+    estimate = estimate_normal_tissue_fraction(negative_values, positive_values)
+    assert estimate.below_cut_fraction == pytest.approx(0.375)
+    assert estimate.normal_tissue_fraction == pytest.approx(0.75)
+    # Without crops, every pixel of a positive tile carries the lesion's share of the tile's mean.
+    whole = tissue_evidence(classifier, positives, tissue, device, preprocessing, crop_size=32)
+    assert min(values.min() for values in whole) > max(values.max() for values in negative_values)
 
 
 def _tiles(values: np.ndarray, count: int = MIN_REFERENCE_TILES) -> list[np.ndarray]:
@@ -89,3 +147,6 @@ def test_estimate_from_folder_reads_images_and_tissue_of_each_size(tmp_path: Pat
     estimate = estimate_from_folder(classifier, tiles, tmp_path, torch.device("cpu"), batch_size=1)
     assert (estimate.positive_tiles, estimate.negative_tiles) == (2, 2)
     assert estimate.normal_tissue_fraction == 0.0  # fewer than MIN_REFERENCE_TILES of a class
+    assert estimate.crop_size is None
+    cropped = estimate_from_folder(classifier, tiles, tmp_path, torch.device("cpu"), batch_size=1, crop_size=32)
+    assert cropped.crop_size == 32 and (cropped.positive_tiles, cropped.negative_tiles) == (2, 2)

@@ -176,18 +176,22 @@ def estimate_from_folder(
     preprocessing: Mapping[str, Any] | None = None,
     reference_quantile: float = 0.5,
     batch_size: int = 16,
+    crop_size: int | None = None,
 ) -> NormalTissueEstimate:
     """:func:`~weakseg.normal_tissue.estimate_normal_tissue_fraction` over ``tiles`` of a normalized folder.
 
     Reads ``normalized/images/NAME`` in :func:`same_size_batches` and ``normalized/tissue/NAME`` beside them.
+    ``crop_size`` is the crop side the classifier was trained on (None: whole tiles), which says how its
+    evidence is measured (:func:`~weakseg.normal_tissue.tissue_evidence`).
     """
     values: dict[bool, list[np.ndarray]] = {True: [], False: []}
     for batch_tiles, images in same_size_batches(tiles, normalized / "images", batch_size):
         tissue = np.stack([read_mask(normalized / "tissue" / tile.name) for tile in batch_tiles])
-        evidence = tissue_evidence(classifier, images, tissue, device, preprocessing)
+        evidence = tissue_evidence(classifier, images, tissue, device, preprocessing, crop_size)
         for tile, tile_evidence in zip(batch_tiles, evidence, strict=True):
             values[tile.positive].append(tile_evidence)
-    return estimate_normal_tissue_fraction(values[False], values[True], reference_quantile)
+    estimate = estimate_normal_tissue_fraction(values[False], values[True], reference_quantile)
+    return dataclasses.replace(estimate, crop_size=crop_size)
 
 
 def write_normal_tissue_estimate(
@@ -202,7 +206,8 @@ def write_normal_tissue_estimate(
     """Writes ``output`` (JSON): the normal-tissue share of positive tiles (:mod:`weakseg.normal_tissue`).
 
     Measured on the classifier's validation split (``split`` params): tiles it did not train on, so that
-    neither class's evidence is inflated by memorisation. Test tiles are never read.
+    neither class's evidence is inflated by memorisation. Test tiles are never read. A classifier trained on
+    crops (``classifier.crop_size``) is measured on crops of that size.
     """
     tiles = read_annotations(normalized / "annotations.csv", params.data.positive_label)
     split = params.split
@@ -212,7 +217,14 @@ def write_normal_tissue_estimate(
         validation = []
     cam = params.cam
     estimate = estimate_from_folder(
-        model, validation, normalized, device, preprocessing, cam.normal_reference_quantile, cam.batch_size
+        model,
+        validation,
+        normalized,
+        device,
+        preprocessing,
+        cam.normal_reference_quantile,
+        cam.batch_size,
+        params.classifier.crop_size,
     )
     write_json(output, dataclasses.asdict(estimate))
     if tracker is not None:

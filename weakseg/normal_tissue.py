@@ -10,6 +10,13 @@ if normal tissue scores alike in both classes, that share of its normal tissue.
 Where the tile's class is legible in its normal tissue too (the lesion changes the whole tile's look, or
 the classes were stained apart), a positive tile's normal tissue scores above the negatives' and the
 estimate falls towards 0: no background seeds, rather than wrong ones.
+
+A classifier trained on crops (``classifier.crop_size``) has a receptive field as large as its crop, so
+every position of its whole-tile map sees a lesion that lies within a crop's reach, and normal tissue near a
+lesion scores as lesion. Its evidence is measured on its own input instead (:func:`crop_evidence_maps`):
+the tile is cut into overlapping crops, and each pixel takes the *lowest* logit of the crops that hold it.
+That is the multiple-instance reading of the crop labels the classifier learnt: a crop is negative only if
+all of its tissue is, so a pixel inside any crop that scores as normal is normal.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class NormalTissueEstimate:
         below_cut_fraction: mean share of a positive tile's tissue scoring below the cut.
         positive_tiles: validation positive tiles measured.
         negative_tiles: validation negative tiles measured.
+        crop_size: the crops the evidence was measured on (:func:`crop_evidence_maps`); None: whole tiles.
     """
 
     normal_tissue_fraction: float
@@ -49,6 +57,7 @@ class NormalTissueEstimate:
     below_cut_fraction: float
     positive_tiles: int
     negative_tiles: int
+    crop_size: int | None = None
 
 
 def class_evidence_maps(classifier: nn.Module, images: torch.Tensor, upsample: bool = True) -> torch.Tensor:
@@ -70,6 +79,49 @@ def class_evidence_maps(classifier: nn.Module, images: torch.Tensor, upsample: b
     if not upsample:
         return logits[:, 0]
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+def crop_starts(length: int, crop_size: int, stride: int) -> list[int]:
+    """Offsets of crops of ``crop_size`` every ``stride`` pixels along ``length``, the last one flush with the end."""
+    if length <= crop_size:
+        return [0]
+    starts = list(range(0, length - crop_size + 1, stride))
+    if starts[-1] != length - crop_size:
+        starts.append(length - crop_size)
+    return starts
+
+
+def crop_evidence_maps(
+    classifier: nn.Module, images: torch.Tensor, crop_size: int, stride: int | None = None, batch_size: int = 256
+) -> torch.Tensor:
+    """Per pixel, the lowest positive-class logit of the classifier's crops that contain it.
+
+    Args:
+        classifier: a one-logit classifier that was trained on crops of ``crop_size``.
+        images: normalized ``(N, 3, H, W)``.
+        crop_size: the crop side in pixels; an image no larger than it is one crop (its own logit everywhere).
+        stride: pixels between crops; a quarter of the crop by default.
+        batch_size: crops per forward pass.
+
+    Returns:
+        ``(N, H, W)`` float maps.
+    """
+    height, width = images.shape[-2:]
+    stride = stride or max(crop_size // 4, 1)
+    boxes = [
+        (top, left, min(crop_size, height), min(crop_size, width))
+        for top in crop_starts(height, crop_size, stride)
+        for left in crop_starts(width, crop_size, stride)
+    ]
+    crops = torch.stack([images[:, :, top : top + h, left : left + w] for top, left, h, w in boxes], dim=1)
+    flat = crops.flatten(0, 1)
+    logits = torch.cat([classifier(flat[start : start + batch_size]) for start in range(0, len(flat), batch_size)])
+    logits = logits.reshape(len(images), len(boxes)).float()
+    maps = torch.full((len(images), height, width), float("inf"), device=images.device)
+    for index, (top, left, h, w) in enumerate(boxes):
+        window = maps[:, top : top + h, left : left + w]
+        torch.minimum(window, logits[:, index, None, None], out=window)
+    return maps
 
 
 def estimate_normal_tissue_fraction(
@@ -112,8 +164,9 @@ def tissue_evidence(
     tissue: np.ndarray,
     device: torch.device,
     preprocessing: Mapping[str, Any] | None = None,
+    crop_size: int | None = None,
 ) -> list[np.ndarray]:
-    """Per tile, the classifier's evidence (:func:`class_evidence_maps`) at its tissue pixels.
+    """Per tile, the classifier's evidence at its tissue pixels.
 
     Args:
         classifier: the one-logit classifier.
@@ -121,8 +174,15 @@ def tissue_evidence(
         tissue: ``(N, H, W)`` boolean tissue masks.
         device: where the classifier runs.
         preprocessing: the checkpoint's preprocessing record.
+        crop_size: the crop side the classifier was trained on (:func:`crop_evidence_maps`); None for a
+            classifier trained on whole tiles (:func:`class_evidence_maps`).
     """
     classifier = classifier.to(device).eval()
+    inputs = images_to_model_input(images, preprocessing).to(device)
     with torch.no_grad():
-        maps = class_evidence_maps(classifier, images_to_model_input(images, preprocessing).to(device))
+        maps = (
+            class_evidence_maps(classifier, inputs)
+            if crop_size is None
+            else crop_evidence_maps(classifier, inputs, crop_size)
+        )
     return [evidence[mask] for evidence, mask in zip(maps.float().cpu().numpy(), np.asarray(tissue), strict=True)]
