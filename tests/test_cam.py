@@ -14,6 +14,10 @@ import yaml
 from torch import nn
 
 from weakseg.cam import (
+    DIHEDRAL_VIEWS,
+    dihedral_mean,
+    dihedral_view,
+    undo_dihedral_view,
     CAM_METHODS,
     CamMethodError,
     build_cam_extractor,
@@ -36,6 +40,8 @@ def tracker(monkeypatch: pytest.MonkeyPatch) -> RecordingTracker:
     from stages import generate_cams
 
     return record_stage_run(monkeypatch, generate_cams, "generate_cams", "cam.method")
+
+
 SIZE = 32
 STAGE_SIZE = 64  # ResNet-18's layer4 is 2x2 at 64 px, so the CAM has structure
 
@@ -221,3 +227,37 @@ def test_generate_cams_asks_every_tile_for_the_positive_class(
     monkeypatch.setattr(cam_batches, "compute_cams", recording)
     assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
     assert len(asked) == 4 and all(asked)
+
+
+def test_every_dihedral_view_is_undone_on_square_and_oblong_tiles() -> None:
+    assert len(set(DIHEDRAL_VIEWS)) == 8
+    for shape in ((2, 5, 5), (2, 4, 7)):
+        maps = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+        views = [dihedral_view(maps, turns, flipped) for turns, flipped in DIHEDRAL_VIEWS]
+        assert len({view.tobytes() + bytes(view.shape) for view in views}) == 8  # eight different views
+        for view, (turns, flipped) in zip(views, DIHEDRAL_VIEWS, strict=True):
+            np.testing.assert_array_equal(undo_dihedral_view(view, turns, flipped), maps)
+
+
+def test_dihedral_mean_keeps_an_equivariant_map_and_cancels_an_orientation_bias() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 6, 6, 3), dtype=np.uint8)
+    calls: list[tuple[int, ...]] = []
+
+    def red(views: np.ndarray) -> np.ndarray:
+        calls.append(views.shape)
+        return views[..., 0].astype(np.float32)  # follows the tile wherever it turns
+
+    expected = images[..., 0].astype(np.float32)
+    expected = (expected - expected.min(axis=(1, 2), keepdims=True)) / np.ptp(expected, axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(dihedral_mean(red, images), expected, atol=1e-6)
+    assert len(calls) == 8
+    oblong = rng.integers(0, 256, (1, 4, 7, 3), dtype=np.uint8)
+    assert dihedral_mean(red, oblong).shape == (1, 4, 7)
+
+    def left_to_right(views: np.ndarray) -> np.ndarray:
+        ramp = np.arange(views.shape[2], dtype=np.float32)  # brightest on the right of every view
+        return np.broadcast_to(ramp, views.shape[:3]).copy()
+
+    # Averaged over the eight views, "the right side" is every side: nothing is left of the bias.
+    np.testing.assert_array_equal(dihedral_mean(left_to_right, images), np.zeros((3, 6, 6), dtype=np.float32))

@@ -170,6 +170,43 @@ def compute_cams(
     return normalize_maps(upsampled).cpu().numpy().astype(np.float32)
 
 
+# The eight symmetries of a square grid: quarter turns, each with and without a left-right flip.
+DIHEDRAL_VIEWS = tuple((turns, flipped) for turns in range(4) for flipped in (False, True))
+
+
+def dihedral_view(images: np.ndarray, turns: int, flipped: bool) -> np.ndarray:
+    """``(N, H, W, ...)`` images turned ``turns`` quarter turns, then flipped left-right if ``flipped``."""
+    view = np.rot90(images, turns, axes=(1, 2))
+    return np.ascontiguousarray(view[:, :, ::-1] if flipped else view)
+
+
+def undo_dihedral_view(maps: np.ndarray, turns: int, flipped: bool) -> np.ndarray:
+    """``(N, h, w)`` maps of a :func:`dihedral_view` brought back to the original orientation."""
+    maps = maps[:, :, ::-1] if flipped else maps
+    return np.ascontiguousarray(np.rot90(maps, -turns, axes=(1, 2)))
+
+
+def dihedral_mean(maps_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """The mean of ``maps_of`` over the eight rotations and flips of ``images``, scaled to 0..1 per map.
+
+    A CAM is not equivariant: the noise of Smooth Grad-CAM++ and a network's learnt orientation biases make
+    each view's map a different estimate of the same evidence, and tissue has no preferred orientation, so
+    the mean is a less noisy one.
+
+    Args:
+        maps_of: ``(N, H, W, 3)`` images to ``(N, H, W)`` maps (e.g. :func:`compute_cams` on a batch).
+        images: ``(N, H, W, 3)`` tiles of one size; a tile that is not square is turned into ``(N, W, H, 3)``
+            views, whose maps are turned back.
+
+    Returns:
+        ``(N, H, W)`` float32 maps in 0..1.
+    """
+    total = np.zeros(np.shape(images)[:3], dtype=np.float64)
+    for turns, flipped in DIHEDRAL_VIEWS:
+        total += undo_dihedral_view(maps_of(dihedral_view(np.asarray(images), turns, flipped)), turns, flipped)
+    return normalize_maps(torch.from_numpy(total / len(DIHEDRAL_VIEWS))).numpy().astype(np.float32)
+
+
 def cam_to_uint8(cam: np.ndarray) -> np.ndarray:
     """A 0..1 map as an 8-bit grey image (0..255), the on-disk form of ``data/cams``."""
     return (np.clip(np.asarray(cam, dtype=np.float64), 0.0, 1.0) * 255.0).round().astype(np.uint8)

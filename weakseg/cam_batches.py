@@ -11,6 +11,7 @@ the CAM of the positive class of every tile of a batch (:func:`batch_cams`), wri
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from weakseg.cam import cam_to_uint8, compute_cams
+from weakseg.cam import cam_to_uint8, compute_cams, dihedral_mean
 from weakseg.data.layout import Tile, figure_negative_tile, partition, read_annotations, split_train_validation
 from weakseg.io import read_mask, read_rgb, write_json, write_png
 from weakseg.normal_tissue import (
@@ -115,15 +116,15 @@ def batch_cams(
         model: the classifier.
         tiles: the batch's tiles.
         images: their ``(N, H, W, 3)`` uint8 RGB images, of one size.
-        settings: the ``cam`` params (method, layer, noise, Score-CAM batch size).
+        settings: the ``cam`` params (method, layer, noise, Score-CAM batch size, test-time augmentation).
         seed: the batch's noise seed (:func:`batch_seed`).
         device: where the model runs.
         preprocessing: the checkpoint's preprocessing record.
     """
-    cams = compute_cams(
+    compute = functools.partial(
+        compute_cams,
         model,
-        images,
-        [True] * len(tiles),  # the positive class's evidence, whatever the label
+        positives=[True] * len(tiles),  # the positive class's evidence, whatever the label
         method=settings.method,
         target_layer=settings.target_layer,
         num_samples=settings.num_samples,
@@ -133,6 +134,7 @@ def batch_cams(
         preprocessing=preprocessing,
         score_batch_size=settings.batch_size,
     )
+    cams = dihedral_mean(compute, images) if settings.test_time_augmentation == "dihedral" else compute(images)
     # uint8 maps travel (a quarter of float32); the statistics are taken from the floats here.
     return [
         (tile.name, cam_to_uint8(cam), float(cam.mean()), int(cam.max() == 0.0))

@@ -32,6 +32,11 @@ class CamParams(_Strict):
         description="Also compute CAMs for negative train tiles; refine_masks gives them empty pseudo-masks "
         "either way, so this only costs time (the figures' negative tile always gets its CAM).",
     )
+    test_time_augmentation: Literal["none", "dihedral"] = Field(
+        "none",
+        description="'dihedral': each CAM is the mean of the CAMs of the tile's eight rotations and flips, each "
+        "turned back (eight times the CAM time); 'none': one CAM of the tile as it is (the paper).",
+    )
 
 
 # ------------------------------------------------------------------------------------------- refine
