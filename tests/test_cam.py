@@ -7,23 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.recording import RecordingTracker, record_stage_run
 import torch
 import yaml
 from torch import nn
 
+from tests.recording import RecordingTracker, record_stage_run
 from weakseg.cam import (
-    DIHEDRAL_VIEWS,
-    dihedral_mean,
-    dihedral_view,
-    undo_dihedral_view,
     CAM_METHODS,
+    DIHEDRAL_VIEWS,
     CamMethodError,
     build_cam_extractor,
     cam_from_uint8,
     cam_to_uint8,
     compute_cams,
+    dihedral_mean,
+    dihedral_view,
+    undo_dihedral_view,
 )
 from weakseg.data.layout import Tile, write_annotations
 from weakseg.io import read_gray, read_json, write_png

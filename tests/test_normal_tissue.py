@@ -16,7 +16,6 @@ from weakseg.normal_tissue import (
     MIN_REFERENCE_TILES,
     class_evidence_maps,
     crop_evidence_maps,
-    crop_starts,
     estimate_normal_tissue_fraction,
     tissue_evidence,
 )
@@ -42,10 +41,12 @@ class _MeanOfFirstChannel(torch.nn.Module):
         return images[:, :1].mean(dim=(2, 3))
 
 
-def test_crop_starts_cover_the_length_with_the_last_crop_flush() -> None:
-    assert crop_starts(10, 4, 3) == [0, 3, 6]
-    assert crop_starts(10, 4, 4) == [0, 4, 6]
-    assert crop_starts(4, 8, 2) == [0]
+def test_crop_evidence_covers_every_pixel_when_the_stride_does_not_divide_the_tile() -> None:
+    images = torch.zeros(1, 3, 10, 10)
+    images[0, 0, -1, -1] = 1.0  # the last pixel: only crops flush with the bottom right edge hold it
+    maps = crop_evidence_maps(_MeanOfFirstChannel(), images, crop_size=4, stride=4)
+    assert torch.isfinite(maps).all()
+    assert maps[0, -1, -1] == 1 / 16 and maps[0, -1, 0] == 0.0
 
 
 def test_crop_evidence_is_the_lowest_crop_logit_holding_each_pixel() -> None:

@@ -201,9 +201,10 @@ def dihedral_mean(maps_of: Callable[[np.ndarray], np.ndarray], images: np.ndarra
     Returns:
         ``(N, H, W)`` float32 maps in 0..1.
     """
-    total = np.zeros(np.shape(images)[:3], dtype=np.float64)
+    images = np.asarray(images)
+    total = np.zeros(images.shape[:3], dtype=np.float64)
     for turns, flipped in DIHEDRAL_VIEWS:
-        total += undo_dihedral_view(maps_of(dihedral_view(np.asarray(images), turns, flipped)), turns, flipped)
+        total += undo_dihedral_view(maps_of(dihedral_view(images, turns, flipped)), turns, flipped)
     return normalize_maps(torch.from_numpy(total / len(DIHEDRAL_VIEWS))).numpy().astype(np.float32)
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.cam import images_to_model_input
+from weakseg.sliding_window import window_starts
 
 # Fewer validation tiles of a class than this give no estimate (0: no background seeds). On a set of
 # 10 positives to 1 negative, a 20 % validation split of 170 positive train tiles holds 3 negatives.
@@ -81,16 +82,6 @@ def class_evidence_maps(classifier: nn.Module, images: torch.Tensor, upsample: b
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def crop_starts(length: int, crop_size: int, stride: int) -> list[int]:
-    """Offsets of crops of ``crop_size`` every ``stride`` pixels along ``length``, the last one flush with the end."""
-    if length <= crop_size:
-        return [0]
-    starts = list(range(0, length - crop_size + 1, stride))
-    if starts[-1] != length - crop_size:
-        starts.append(length - crop_size)
-    return starts
-
-
 def crop_evidence_maps(
     classifier: nn.Module, images: torch.Tensor, crop_size: int, stride: int | None = None, batch_size: int = 256
 ) -> torch.Tensor:
@@ -100,18 +91,19 @@ def crop_evidence_maps(
         classifier: a one-logit classifier that was trained on crops of ``crop_size``.
         images: normalized ``(N, 3, H, W)``.
         crop_size: the crop side in pixels; an image no larger than it is one crop (its own logit everywhere).
-        stride: pixels between crops; a quarter of the crop by default.
+        stride: the largest step between crops (:func:`~weakseg.sliding_window.window_starts` spreads them
+            evenly, the last flush with the edge); a quarter of the crop by default.
         batch_size: crops per forward pass.
 
     Returns:
         ``(N, H, W)`` float maps.
     """
     height, width = images.shape[-2:]
-    stride = stride or max(crop_size // 4, 1)
+    overlap = crop_size - (stride or max(crop_size // 4, 1))
     boxes = [
         (top, left, min(crop_size, height), min(crop_size, width))
-        for top in crop_starts(height, crop_size, stride)
-        for left in crop_starts(width, crop_size, stride)
+        for top in window_starts(height, crop_size, overlap)
+        for left in window_starts(width, crop_size, overlap)
     ]
     crops = torch.stack([images[:, :, top : top + h, left : left + w] for top, left, h, w in boxes], dim=1)
     flat = crops.flatten(0, 1)
