@@ -22,7 +22,8 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
   (``weakseg_without_background_seeds``), background seeds (``weakseg_whole_tile_classifier``), the crop
   classifier (``weakseg_ungated``), its gate (``weakseg``); contrasts off the whole-tile row: the tile-label
   losses (``weakseg_with_tile_label_losses``), a fixed background share, and on the imbalanced variant no
-  negative oversampling (``weakseg_without_negative_oversampling``).
+  negative oversampling (``weakseg_without_negative_oversampling``); on the demo, the segmenter's constant
+  learning rate instead of one cycle (``weakseg_constant_learning_rate``; EBHI's preset had one cycle already).
 
 ``ebhi-hgin-polyp-imbalanced`` is EBHI with most negative *train* tiles dropped (10 positives to 1
 negative, a seeded choice; :func:`make_imbalanced_variant`, links in the workspace, nothing copied into
@@ -114,6 +115,7 @@ TRAINED_ROWS = {
     "weakseg_without_background_seeds": "ablation: weakseg without background seeds in positive tiles (refine.background_quantile 0: the whole band below the CAM cut ignored)",
     "weakseg_with_background_seeds": "ablation: weakseg with a fixed background share instead of the estimate (the lowest 20 % of a positive tile's CAM; foreground: the top 40 %)",
     "weakseg_without_negative_oversampling": "ablation: weakseg without repeating the scarce negative tiles",
+    "weakseg_constant_learning_rate": "ablation: weakseg with a constant segmenter learning rate instead of one cycle (the demo's default before)",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
 }
 # Trained ablation rows: (the row it changes, the dotted params it sets).
@@ -133,6 +135,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "weakseg_whole_tile_classifier",
         {"segmenter.curriculum.oversample_negatives": False},
     ),
+    "weakseg_constant_learning_rate": ("weakseg", {"segmenter.lr_schedule": "constant"}),
     "weakseg_with_tile_label_losses": (
         "weakseg_whole_tile_classifier",
         {
@@ -144,8 +147,8 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
-# Which trained rows each dataset runs: the whole ladder on the demo and EBHI (the tile-label losses on the
-# demo only); the imbalanced variant tests the default's robustness only.
+# Which trained rows each dataset runs: the whole ladder on the demo and EBHI (the tile-label losses and the
+# constant learning rate on the demo only); the imbalanced variant tests the default's robustness only.
 LADDER = (
     "weakseg",
     "weakseg_whole_tile_classifier",
@@ -157,7 +160,7 @@ LADDER = (
     "weakseg_with_background_seeds",
 )
 DATASET_METHODS = {
-    "demo": (*LADDER, "weakseg_with_tile_label_losses"),
+    "demo": (*LADDER, "weakseg_constant_learning_rate", "weakseg_with_tile_label_losses"),
     "ebhi-hgin-polyp": LADDER,
     "ebhi-hgin-polyp-imbalanced": (
         "weakseg",
@@ -199,6 +202,7 @@ ROW_ORDER = [
     "weakseg_with_background_seeds",
     "weakseg_with_tile_label_losses",
     "weakseg_without_negative_oversampling",
+    "weakseg_constant_learning_rate",
     "fully_supervised",
 ]
 

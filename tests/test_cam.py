@@ -14,15 +14,12 @@ from torch import nn
 from tests.recording import RecordingTracker, record_stage_run
 from weakseg.cam import (
     CAM_METHODS,
-    DIHEDRAL_VIEWS,
     CamMethodError,
     build_cam_extractor,
     cam_from_uint8,
     cam_to_uint8,
     compute_cams,
     dihedral_mean,
-    dihedral_view,
-    undo_dihedral_view,
 )
 from weakseg.data.layout import Tile, write_annotations
 from weakseg.io import read_gray, read_json, write_png
@@ -226,16 +223,6 @@ def test_generate_cams_asks_every_tile_for_the_positive_class(
     monkeypatch.setattr(cam_batches, "compute_cams", recording)
     assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
     assert len(asked) == 4 and all(asked)
-
-
-def test_every_dihedral_view_is_undone_on_square_and_oblong_tiles() -> None:
-    assert len(set(DIHEDRAL_VIEWS)) == 8
-    for shape in ((2, 5, 5), (2, 4, 7)):
-        maps = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
-        views = [dihedral_view(maps, turns, flipped) for turns, flipped in DIHEDRAL_VIEWS]
-        assert len({view.tobytes() + bytes(view.shape) for view in views}) == 8  # eight different views
-        for view, (turns, flipped) in zip(views, DIHEDRAL_VIEWS, strict=True):
-            np.testing.assert_array_equal(undo_dihedral_view(view, turns, flipped), maps)
 
 
 def test_dihedral_mean_keeps_an_equivariant_map_and_cancels_an_orientation_bias() -> None:

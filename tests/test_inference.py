@@ -96,3 +96,48 @@ def test_load_model_refuses_an_unusable_decision_threshold(tmp_path: Path, store
     )
     with pytest.raises(InferenceError, match=r"odd\.pt.*decision_threshold"):
         inference.load_model(path, "classifier", CPU)
+
+
+class _BiasedSegmenter(torch.nn.Module):
+    """Pixel logits: the first channel plus a left-to-right ramp (an orientation bias); head: the channel's mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        ramp = torch.arange(images.shape[3], dtype=torch.float32).expand(images.shape[2], -1)
+        pixels = images[:, :1] + ramp
+        return pixels, images[:, 0, :, :2].mean(dim=(1, 2))[:, None]  # head reads the left edge
+
+
+class _CountingClassifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return images[:, 0, :, :2].mean(dim=(1, 2))[:, None]
+
+
+def test_dihedral_forward_averages_pixel_logits_and_keeps_tile_logits_of_the_tile_as_it_is() -> None:
+    images = torch.rand((2, 3, 6, 6), generator=torch.Generator().manual_seed(0))
+    segmenter, classifier = _BiasedSegmenter(), _CountingClassifier()
+    plain_pixels, plain_tiles = inference.make_forward(segmenter, classifier)(images)
+    segmenter.calls = classifier.calls = 0
+    pixels, tiles = inference.make_forward(segmenter, classifier, "dihedral")(images)
+    assert plain_pixels is not None and pixels is not None
+    # The tile's own channel follows every view back; the ramp's bias averages to its mean, 2.5.
+    torch.testing.assert_close(pixels, images[:, 0] + 2.5)
+    torch.testing.assert_close(plain_pixels, images[:, 0] + torch.arange(6.0))
+    # Tile decisions keep the thresholds chosen on validation: same logits as without augmentation.
+    torch.testing.assert_close(tiles["head"], plain_tiles["head"])
+    torch.testing.assert_close(tiles["classifier"], plain_tiles["classifier"])
+    assert (segmenter.calls, classifier.calls) == (8, 1)
+
+
+def test_make_forward_names_an_unknown_test_time_augmentation() -> None:
+    with pytest.raises(InferenceError, match="test_time_augmentation.*'flips'"):
+        inference.make_forward(_BiasedSegmenter(), None, "flips")

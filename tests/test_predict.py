@@ -272,6 +272,15 @@ def test_gate_option_is_parsed() -> None:
     assert not predict.parse_options(["--input", "a", "--output", "b"]).gate
 
 
+def test_test_time_augmentation_option_is_parsed_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert predict.parse_options(["--input", "a", "--output", "b"]).test_time_augmentation == "none"
+    options = predict.parse_options(["--input", "a", "--output", "b", "--test-time-augmentation", "dihedral"])
+    assert options.test_time_augmentation == "dihedral"
+    with pytest.raises(SystemExit):
+        predict.parse_options(["--input", "a", "--output", "b", "--test-time-augmentation", "flips"])
+    assert "--test-time-augmentation" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------- classifier decision threshold
 def _constant_classifier(path: Path, probability: float, decision_threshold: float | None) -> None:
     """A classifier of constant ``probability``, with ``decision_threshold`` stored (or none)."""

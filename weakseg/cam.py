@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from weakseg.dihedral import DIHEDRAL_VIEWS, dihedral_view, undo_dihedral_view
 from weakseg.errors import UserInputError
 from weakseg.preprocessing import images_to_tensor
 
@@ -168,22 +169,6 @@ def compute_cams(
     maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
     upsampled = F.interpolate(maps[:, None], size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
     return normalize_maps(upsampled).cpu().numpy().astype(np.float32)
-
-
-# The eight symmetries of a square grid: quarter turns, each with and without a left-right flip.
-DIHEDRAL_VIEWS = tuple((turns, flipped) for turns in range(4) for flipped in (False, True))
-
-
-def dihedral_view(images: np.ndarray, turns: int, flipped: bool) -> np.ndarray:
-    """``(N, H, W, ...)`` images turned ``turns`` quarter turns, then flipped left-right if ``flipped``."""
-    view = np.rot90(images, turns, axes=(1, 2))
-    return np.ascontiguousarray(view[:, :, ::-1] if flipped else view)
-
-
-def undo_dihedral_view(maps: np.ndarray, turns: int, flipped: bool) -> np.ndarray:
-    """``(N, h, w)`` maps of a :func:`dihedral_view` brought back to the original orientation."""
-    maps = maps[:, :, ::-1] if flipped else maps
-    return np.ascontiguousarray(np.rot90(maps, -turns, axes=(1, 2)))
 
 
 def dihedral_mean(maps_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:

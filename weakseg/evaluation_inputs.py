@@ -86,7 +86,7 @@ def score_tiles(
                 f"is {params.data.positive_label!r}; re-run the pipeline"
             )
     has_truth = inputs.true_masks.is_dir()
-    forward = make_forward(segmenter.model, classifier.model)
+    forward = make_forward(segmenter.model, classifier.model, settings.test_time_augmentation)
     classifier_threshold = classifier.decision_threshold
     head_threshold = segmenter.head_threshold
     # The tile decision that gates the segmenter's mask (its tile_probabilities key is the gate's name).

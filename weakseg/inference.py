@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from weakseg.dihedral import DIHEDRAL_VIEWS, IDENTITY_VIEW, dihedral_mean_tensor
 from weakseg.errors import UserInputError
 from weakseg.models import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, model_from_checkpoint
 from weakseg.preprocessing import images_to_tensor
@@ -159,19 +160,47 @@ def to_input_tensor(batch: np.ndarray, preprocessing: Preprocessing, device: tor
 BatchForward = Callable[[torch.Tensor], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]
 
 
-def make_forward(segmenter: nn.Module | None, classifier: nn.Module | None = None) -> BatchForward:
+TEST_TIME_AUGMENTATIONS = ("none", "dihedral")
+
+
+def make_forward(
+    segmenter: nn.Module | None, classifier: nn.Module | None = None, test_time_augmentation: str = "none"
+) -> BatchForward:
     """The batch forward of a segmenter (pixel logits and its ``head`` logit) and/or a classifier.
+
+    Args:
+        segmenter: a :class:`weakseg.models.Segmenter`, or None.
+        classifier: a one-logit tile classifier, or None.
+        test_time_augmentation: ``"dihedral"``: the segmenter's pixel logits are the mean over the window's
+            eight rotations and flips, each turned back. Tile logits (the head's, the classifier's) stay those
+            of the window as it is: their decision thresholds were chosen on validation without augmentation.
 
     Raises:
         ValueError: if neither model is given.
+        InferenceError: for an unknown ``test_time_augmentation``.
     """
     if segmenter is None and classifier is None:
         raise ValueError("make_forward needs a segmenter, a classifier, or both")
+    if test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
+        raise InferenceError(
+            f"test_time_augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, "
+            f"got {test_time_augmentation!r}"
+        )
 
     def forward(images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         pixel_logits: torch.Tensor | None = None
         tile_logits: dict[str, torch.Tensor] = {}
-        if segmenter is not None:
+        if segmenter is not None and test_time_augmentation == "dihedral":
+            head_logits: list[torch.Tensor] = []
+
+            def view_pixel_logits(views: torch.Tensor) -> torch.Tensor:
+                mask_logits, label_logits = segmenter(views)
+                head_logits.append(label_logits.reshape(-1))
+                return mask_logits[:, 0]
+
+            pixel_logits = dihedral_mean_tensor(view_pixel_logits, images)
+            tile_logits["head"] = head_logits[DIHEDRAL_VIEWS.index(IDENTITY_VIEW)]
+        elif segmenter is not None:
             mask_logits, label_logits = segmenter(images)
             pixel_logits = mask_logits[:, 0]
             tile_logits["head"] = label_logits.reshape(-1)

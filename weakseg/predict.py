@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from weakseg.errors import UserInputError
+from weakseg.inference import TEST_TIME_AUGMENTATIONS
 from weakseg.predict_folder import PredictInputError, PredictOptions, run_predict
 
 DEFAULT_STAIN_REFERENCE = "data/normalized/stain_reference.json"
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tissue-min-hole-size", type=int, default=None, help="override the stain reference's recorded value"
     )
+    parser.add_argument(
+        "--test-time-augmentation",
+        choices=TEST_TIME_AUGMENTATIONS,
+        default="none",
+        help="'dihedral': each pixel's logit is the mean over the window's 8 rotations and flips (8x the "
+        "segmenter's time; evaluate.test_time_augmentation does the same); tile decisions are unchanged",
+    )
     parser.add_argument("--workers", type=int, default=2, help="threads reading and writing files (default 2)")
     return parser
 
@@ -126,6 +134,7 @@ def parse_options(argv: Sequence[str] | None) -> PredictOptions:
         tissue_min_hole_size=arguments.tissue_min_hole_size,
         workers=arguments.workers,
         gate=arguments.gate,
+        test_time_augmentation=arguments.test_time_augmentation,
     )
 
 

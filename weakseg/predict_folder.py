@@ -73,6 +73,7 @@ class PredictOptions:
     tissue_min_hole_size: int | None = None
     workers: int = 2
     gate: bool = False  # empty the mask of a tile whose tile decision is negative (evaluate.segmenter_gate)
+    test_time_augmentation: str = "none"  # "dihedral": pixel logits averaged over 8 rotations and flips
 
 
 @dataclass
@@ -225,7 +226,9 @@ def run_predict(options: PredictOptions) -> list[str]:
     else:
         normalization = with_overrides(load_normalization(options.stain_reference), options)
     segmenter, classifier, overlap = _load_models(options, device)
-    forward = make_forward(segmenter.model, classifier.model if classifier is not None else None)
+    forward = make_forward(
+        segmenter.model, classifier.model if classifier is not None else None, options.test_time_augmentation
+    )
     for folder in OUTPUT_FOLDERS:
         (options.output / folder).mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []

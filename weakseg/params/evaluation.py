@@ -26,6 +26,12 @@ class EvaluateParams(_Strict):
         "a tile the segmenter's own classification head calls negative, at the threshold train_segmenter "
         "chose on validation (weakseg-predict --gate).",
     )
+    test_time_augmentation: Literal["none", "dihedral"] = Field(
+        "none",
+        description="'dihedral': the segmenter's pixel logits are the mean over each tile's eight rotations "
+        "and flips, each turned back (8x the segmenter's time at test); tile decisions stay those of the tile "
+        "as it is, whose thresholds were chosen on validation. weakseg-predict --test-time-augmentation.",
+    )
     min_foreground_pixels: int = Field(64, ge=0, description="Tile positive if the prediction has more.")
     figure_tiles: int = Field(4, ge=1, le=32, description="Test tiles per class in the figures.")
     figure_seed: int = Field(0, ge=0)
