@@ -105,9 +105,19 @@ def crop_evidence_maps(
         for top in window_starts(height, crop_size, overlap)
         for left in window_starts(width, crop_size, overlap)
     ]
-    crops = torch.stack([images[:, :, top : top + h, left : left + w] for top, left, h, w in boxes], dim=1)
-    flat = crops.flatten(0, 1)
-    logits = torch.cat([classifier(flat[start : start + batch_size]) for start in range(0, len(flat), batch_size)])
+    # Crops are cut a batch at a time (image-major, as flattening an (N, crops) stack would order them), so a
+    # large image never holds all its crops in memory at once.
+    total = len(images) * len(boxes)
+
+    def crop_batch(start: int) -> torch.Tensor:
+        crops = []
+        for index in range(start, min(start + batch_size, total)):
+            image, box = divmod(index, len(boxes))
+            top, left, h, w = boxes[box]
+            crops.append(images[image, :, top : top + h, left : left + w])
+        return torch.stack(crops)
+
+    logits = torch.cat([classifier(crop_batch(start)) for start in range(0, total, batch_size)])
     logits = logits.reshape(len(images), len(boxes)).float()
     maps = torch.full((len(images), height, width), float("inf"), device=images.device)
     for index, (top, left, h, w) in enumerate(boxes):
