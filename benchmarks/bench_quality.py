@@ -111,7 +111,7 @@ VARIANT_ROWS = {
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
-    "weakseg": "the default method (a balanced classifier trained on 64 px crops, which also gates the mask; layer3 CAM; ignore band with background seeds of the normal share measured on its crops; no CRF; scarce negatives repeated), tile labels only",
+    "weakseg": "the default method (a balanced classifier trained on 64 px crops, which also gates the mask; layer3 CAM; ignore band with background seeds of the normal share measured on its crops, below the validation negatives' 90th percentile; one-cycle segmenter; no CRF; scarce negatives repeated), tile labels only",
     "weakseg_whole_tile_classifier": "ablation: weakseg with its classifier trained on whole tiles, no gate (weakseg's default before the crop classifier)",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
     "weakseg_cam_layer4": "ablation: weakseg without background seeds, CAM on layer4 (the paper's layer; weakseg's default before this ladder)",
