@@ -100,7 +100,7 @@ def write_evaluation_figures(
     )
     against = "true masks" if has_truth else "pseudo-masks"
     error_columns = ["tile", against, "segmenter", "segmenter errors"] + (
-        ["thresholded CAM errors (classifier-gated)", "pseudo-mask errors (classifier-gated)"] if has_truth else []
+        ["thresholded CAM errors\n(classifier-gated)", "pseudo-mask errors\n(classifier-gated)"] if has_truth else []
     )
     figures.save_figure(
         folder / "error_maps.png",
