@@ -39,6 +39,9 @@ Each (dataset, method, seed) runs ``dvc repro`` in one project copy per dataset 
 scores are kept in ``runs.json`` there, and an interrupted benchmark resumes where it stopped. Only
 committed code is measured (``git archive HEAD``). ``seconds`` is the sum of the row's seven stage times
 as each stage logged them when it ran; a stage shared by several rows (the classifier, say) counts in each.
+The run records are not in git, so the report keeps, from the committed ``results/quality.json``, every
+dataset and row that has no finished run in the workspace (:func:`carry_over`): a fresh checkout re-runs one
+row without losing the others.
 
 The check at the end exits non-zero, naming the row, when the default method's mean IoU falls below the
 classifier-gated trivial baseline's on a dataset, or the fully supervised reference's below 0.75 on EBHI.
@@ -472,6 +475,31 @@ def quality_table(runs: dict[str, Any], datasets: Sequence[str], seeds: Sequence
     return table
 
 
+def carry_over(table: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """``table`` completed from an earlier ``results/quality.json``'s ``datasets`` (``previous``).
+
+    The run records live in the git-ignored workspace, so a fresh checkout has none; the committed results
+    are then the only record of the rows it does not re-run. A dataset not in ``table`` is kept whole; in a
+    dataset of both, a row with no finished run now is kept as it was, and rows with runs are replaced.
+    Rows keep the row order (:data:`ROW_ORDER`); the datasets keep ``previous``'s order, new ones last.
+    """
+    merged: dict[str, Any] = {}
+    for dataset in [*previous, *(name for name in table if name not in previous)]:
+        if dataset not in table:
+            merged[dataset] = previous[dataset]
+            continue
+        section = table[dataset]
+        earlier = previous.get(dataset, {}).get("methods", {})
+        methods = {**{row: values for row, values in earlier.items() if row not in section["methods"]}}
+        methods |= section["methods"]
+        order = {row: index for index, row in enumerate(ROW_ORDER)}
+        merged[dataset] = {
+            "seeds": section["seeds"] or previous.get(dataset, {}).get("seeds", []),
+            "methods": dict(sorted(methods.items(), key=lambda item: order.get(item[0], len(order)))),
+        }
+    return merged
+
+
 def regressions(table: dict[str, Any]) -> list[str]:
     """The rows that break the quality floor, named (an empty list when all hold)."""
     failures = []
@@ -561,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def report() -> list[str]:
         table = quality_table(runs, datasets, arguments.seeds)
+        if (RESULTS / "quality.json").is_file():
+            table = carry_over(table, json.loads((RESULTS / "quality.json").read_text()).get("datasets", {}))
         failures = regressions(table)
         result = {"machine": machine(), "datasets": table, "regressions": failures}
         RESULTS.mkdir(exist_ok=True)

@@ -58,6 +58,25 @@ def test_regression_check_names_the_row_that_falls_below_its_floor() -> None:
     assert bench_quality.regressions(healthy) == []
 
 
+def test_rows_without_runs_are_carried_over_from_the_committed_results() -> None:
+    previous = {
+        **bench_quality.quality_table(_runs("ebhi-hgin-polyp", [0.6, 0.6, 0.6], 0.6, 0.78), ["ebhi-hgin-polyp"], [0, 1, 2]),
+        **bench_quality.quality_table(_runs("demo", [0.3, 0.3, 0.3], 0.2, 0.9), ["demo"], [0, 1, 2]),
+    }
+    previous["demo"]["methods"]["paper"] = {"iou": [0.1, 0.1, 0.1], "dice": [0.2] * 3, "miou": [0.5] * 3, "seconds": [1.0] * 3}
+    now = {"demo/weakseg/0": {"seconds": 10.0, "metrics": _evaluate_json(0.55, 0.4)}}
+    table = bench_quality.carry_over(bench_quality.quality_table(now, ["demo"], [0, 1, 2]), previous)
+    assert list(table) == ["ebhi-hgin-polyp", "demo"]  # a dataset not run now is kept whole, in place
+    assert table["ebhi-hgin-polyp"] == previous["ebhi-hgin-polyp"]
+    demo = table["demo"]["methods"]
+    assert demo["weakseg"]["iou"] == [0.55]  # rows with runs now are replaced ...
+    assert demo["tissue_if_classified_positive"]["iou"] == [0.4]
+    assert demo["paper"]["iou"] == [0.1, 0.1, 0.1]  # ... rows without are kept
+    assert demo["fully_supervised"]["iou"] == [0.9, 0.9, 0.9]
+    assert list(demo) == [row for row in bench_quality.ROW_ORDER if row in demo]
+    assert bench_quality.carry_over({}, {}) == {}
+
+
 def test_the_readme_table_is_replaced_between_its_markers_only(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     start, end = bench_quality.README_START, bench_quality.README_END
