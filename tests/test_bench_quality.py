@@ -209,6 +209,12 @@ def test_ablation_rows_change_only_their_component() -> None:
     assert layer4 == without
     without["refine"]["background_quantile"] = "auto"
     assert without == weak
+    for dataset in ("demo", "ebhi-hgin-polyp"):
+        default = bench_quality.method_params(dataset, "weakseg", 2)
+        smaller = bench_quality.method_params(dataset, "weakseg_top_40_percent_foreground", 2)
+        assert (default["refine"]["threshold_quantile"], smaller["refine"]["threshold_quantile"]) == (0.5, 0.6)
+        smaller["refine"]["threshold_quantile"] = 0.5
+        assert smaller == default
     seeds = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_with_background_seeds", 1)
     assert seeds["refine"]["background_quantile"] < seeds["refine"]["threshold_quantile"]
     whole = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_whole_tile_classifier", 1)
