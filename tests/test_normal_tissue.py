@@ -10,6 +10,7 @@ import torch
 
 from weakseg.cam_batches import estimate_from_folder
 from weakseg.data.layout import Tile
+from weakseg.errors import UserInputError
 from weakseg.io import write_png
 from weakseg.models import build_classifier
 from weakseg.normal_tissue import (
@@ -32,6 +33,15 @@ def test_evidence_map_averages_to_the_classifier_logit() -> None:
     assert grid.shape == (2, 3, 3) and upsampled.shape == (2, 96, 96)
     torch.testing.assert_close(grid.mean(dim=(1, 2)), logits, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(grid[0], grid[0].mean())  # a map, not a constant
+
+
+def test_evidence_maps_refuse_a_classifier_without_a_one_logit_head() -> None:
+    classifier = build_classifier("resnet18")
+    classifier.fc = torch.nn.Linear(classifier.fc.in_features, 2)
+    with pytest.raises(UserInputError, match="one-logit nn.Linear, got Linear"):
+        class_evidence_maps(classifier, torch.randn(1, 3, 32, 32))
+    with pytest.raises(UserInputError, match="got None"):
+        class_evidence_maps(torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1)), torch.randn(1, 3, 32, 32))
 
 
 class _MeanOfFirstChannel(torch.nn.Module):

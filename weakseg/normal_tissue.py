@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.cam import images_to_model_input
+from weakseg.errors import UserInputError
 from weakseg.sliding_window import window_starts
 
 # Fewer validation tiles of a class than this give no estimate (0: no background seeds). On a set of
@@ -71,10 +72,16 @@ def class_evidence_maps(classifier: nn.Module, images: torch.Tensor, upsample: b
 
     Returns:
         ``(N, H, W)`` float maps (or the feature grid's); on the feature grid, each map's mean is the tile's logit.
+
+    Raises:
+        UserInputError: if ``classifier.fc`` is not a one-logit ``nn.Linear``.
     """
     body = nn.Sequential(*(module for name, module in classifier.named_children() if name not in ("avgpool", "fc")))
-    fc = classifier.fc
-    assert isinstance(fc, nn.Linear) and fc.out_features == 1, "a one-logit classifier head is expected"
+    fc = getattr(classifier, "fc", None)
+    if not isinstance(fc, nn.Linear) or fc.out_features != 1:
+        raise UserInputError(
+            f"class_evidence_maps: expected a classifier whose fc is a one-logit nn.Linear, got {fc!r}"
+        )
     features = body(images)
     logits = F.conv2d(features, fc.weight[:, :, None, None], fc.bias)
     if not upsample:
