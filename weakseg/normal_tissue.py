@@ -76,12 +76,12 @@ def class_evidence_maps(classifier: nn.Module, images: torch.Tensor, upsample: b
     Raises:
         UserInputError: if ``classifier.fc`` is not a one-logit ``nn.Linear``.
     """
-    body = nn.Sequential(*(module for name, module in classifier.named_children() if name not in ("avgpool", "fc")))
     fc = getattr(classifier, "fc", None)
     if not isinstance(fc, nn.Linear) or fc.out_features != 1:
         raise UserInputError(
             f"class_evidence_maps: expected a classifier whose fc is a one-logit nn.Linear, got {fc!r}"
         )
+    body = nn.Sequential(*(module for name, module in classifier.named_children() if name not in ("avgpool", "fc")))
     features = body(images)
     logits = F.conv2d(features, fc.weight[:, :, None, None], fc.bias)
     if not upsample:
