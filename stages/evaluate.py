@@ -50,6 +50,7 @@ INPUTS = EvaluationInputs(
     pseudo_masks=Path("data/pseudo_masks"),
     classifier=Path("models/classifier.pt"),
     segmenter=Path("models/segmenter.pt"),
+    cam_metrics=Path("metrics/cams.json"),
 )
 METRICS = Path("metrics/evaluate.json")
 ROC = Path("metrics/roc.csv")

@@ -26,6 +26,7 @@ from weakseg.pseudo_masks import (
     RefineStageError,
     contact_sheet,
     flat_metrics,
+    needs_normal_tissue_estimate,
     refine_all,
     settings_from_params,
     summarize,
@@ -40,7 +41,7 @@ CAMS = Path("data/cams")
 TRUTH = Path("data/raw/masks")
 PSEUDO_MASKS = Path("data/pseudo_masks")
 METRICS = Path("metrics/pseudo_masks.json")
-CAM_METRICS = Path("metrics/cams.json")  # generate_cams' normal-tissue estimate (background_quantile: auto)
+CAM_METRICS = Path("metrics/cams.json")  # generate_cams' normal-tissue estimate (the refine quantiles' auto)
 FIGURES = Path("figures/refine_masks")
 
 logger = logging.getLogger(STAGE)
@@ -49,7 +50,7 @@ logger = logging.getLogger(STAGE)
 def run(params: StageParams) -> None:
     """Refines every tile's CAM into a pseudo-mask and writes the diagnostics."""
     refine = params.refine
-    estimate = read_json(CAM_METRICS) if refine.background_quantile == "auto" and CAM_METRICS.is_file() else {}
+    estimate = read_json(CAM_METRICS) if needs_normal_tissue_estimate(refine) and CAM_METRICS.is_file() else {}
     settings = settings_from_params(refine, estimate.get("normal_tissue_fraction"))
     tiles = read_annotations(NORMALIZED / "annotations.csv", params.data.positive_label)
     has_truth = TRUTH.is_dir()
@@ -69,6 +70,7 @@ def run(params: StageParams) -> None:
         ignore_band=settings.background_quantile is not None,
     )
     report["background_quantile"] = settings.background_quantile
+    report["threshold_quantile"] = settings.threshold_quantile
     write_json(METRICS, report)
     with atomic_directory(FIGURES) as figures:
         job_of = {job.name: job for job in jobs}

@@ -178,9 +178,10 @@ def test_ablation_rows_change_only_their_component() -> None:
     assert without_crf["refine"]["crf"]["enabled"] is False
     without_crf["refine"]["crf"]["enabled"] = paper["refine"]["crf"]["enabled"]
     assert without_crf == paper
-    # The crop classifier and its gate are the one step from the whole-tile row to the default, on both presets.
+    # The crop classifier and its gate are the one step from the whole-tile row to the default before the
+    # foreground's step, on both presets.
     for dataset in ("demo", "ebhi-hgin-polyp"):
-        default = bench_quality.method_params(dataset, "weakseg", 0)
+        default = bench_quality.method_params(dataset, "weakseg_half_foreground", 0)
         whole = bench_quality.method_params(dataset, "weakseg_whole_tile_classifier", 0)
         assert default["classifier"]["crop_size"] is not None and whole["classifier"]["crop_size"] is None
         assert (default["evaluate"]["segmenter_gate"], whole["evaluate"]["segmenter_gate"]) == ("classifier", "none")
@@ -211,10 +212,16 @@ def test_ablation_rows_change_only_their_component() -> None:
     assert without == weak
     for dataset in ("demo", "ebhi-hgin-polyp"):
         default = bench_quality.method_params(dataset, "weakseg", 2)
+        half = bench_quality.method_params(dataset, "weakseg_half_foreground", 2)
         smaller = bench_quality.method_params(dataset, "weakseg_top_40_percent_foreground", 2)
-        assert (default["refine"]["threshold_quantile"], smaller["refine"]["threshold_quantile"]) == (0.5, 0.6)
+        assert [row["refine"]["threshold_quantile"] for row in (default, half, smaller)] == ["auto", 0.5, 0.6]
         smaller["refine"]["threshold_quantile"] = 0.5
-        assert smaller == default
+        assert smaller == half
+        half["refine"]["threshold_quantile"] = "auto"
+        assert half == default
+        # The rows below the foreground's step keep the top half they were measured with.
+        for row in ("weakseg_whole_tile_classifier", "fully_supervised"):
+            assert bench_quality.method_params(dataset, row, 2)["refine"]["threshold_quantile"] == 0.5
     seeds = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_with_background_seeds", 1)
     assert seeds["refine"]["background_quantile"] < seeds["refine"]["threshold_quantile"]
     whole = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_whole_tile_classifier", 1)

@@ -47,6 +47,9 @@ def _build_project(root: Path, with_truth: bool, positive_label: str = "SSA") ->
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["evaluate"].update({"figure_tiles": 2, "batch_size": 3, "device": "cpu", "min_foreground_pixels": 10})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    # generate_cams' estimate, which refine.threshold_quantile: auto builds on: 0.3 + the 0.2 band = 0.5.
+    (root / "metrics").mkdir()
+    (root / "metrics" / "cams.json").write_text(json.dumps({"normal_tissue_fraction": 0.3}))
     tiles = [Tile(f"test_{i}.png", "SSA" if i < 3 else "HP", "test", i < 3) for i in range(6)]
     tiles += [Tile(f"train_{i}.png", "SSA" if i % 2 else "HP", "train", bool(i % 2)) for i in range(4)]
     folders = ["data/normalized/images", "data/normalized/tissue", "data/cams", "data/pseudo_masks"]
@@ -339,3 +342,22 @@ def test_the_head_gate_empties_the_segmenter_mask_of_tiles_its_head_calls_negati
     assert strict["segmenter"]["vs_truth"]["iou"] == 0.0  # no head probability of an untrained model is that high
     assert strict["segmenter_head_gated"]["vs_truth"] == strict["segmenter"]["vs_truth"]
     assert strict["segmenter_ungated"]["vs_truth"] == ungated["segmenter"]["vs_truth"]
+
+
+def test_the_cam_row_uses_the_foreground_quantile_refine_masks_resolved(tmp_path: Path) -> None:
+    """A numeric quantile is used as it is; auto is resolved from generate_cams' estimate, or named missing."""
+    from weakseg.evaluation import EvaluateInputError
+    from weakseg.evaluation_inputs import cam_threshold_quantile
+    from weakseg.io import write_json
+    from weakseg.params import RefineParams
+
+    estimate = tmp_path / "metrics" / "cams.json"
+    assert cam_threshold_quantile(RefineParams(threshold_quantile=0.6), estimate) == 0.6  # nothing read
+    automatic = RefineParams(threshold_quantile="auto", background_quantile="auto", ignore_band_width=0.2)
+    with pytest.raises(EvaluateInputError, match=r"cams\.json: not found"):
+        cam_threshold_quantile(automatic, estimate)
+    write_json(estimate, {"normal_tissue_fraction": 0.35})
+    assert cam_threshold_quantile(automatic, estimate) == pytest.approx(0.55)
+    write_json(estimate, {})
+    with pytest.raises(EvaluateInputError, match=r"cams\.json: .*normal_tissue_fraction"):
+        cam_threshold_quantile(automatic, estimate)

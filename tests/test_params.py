@@ -48,7 +48,9 @@ def test_defaults_fill_missing_sections() -> None:
         ("data.synthetic.num_tiles", "many", r"data\.synthetic\.num_tiles: .*integer.*'many'"),
         ("data.synthetic.num_tiles", 2.5, r"data\.synthetic\.num_tiles"),
         ("refine.opening_kernel", -1, r"refine\.opening_kernel: .*greater than or equal to 0"),
-        ("refine.threshold_quantile", 1.5, r"refine\.threshold_quantile: .*less than or equal to 1"),
+        ("refine.threshold_quantile", 1.5, r"refine\.threshold_quantile\b.*less than or equal to 1"),
+        ("refine.threshold_quantile", "top", r"refine\.threshold_quantile\b.*'auto'"),
+        ("refine.ignore_band_width", 1.5, r"refine\.ignore_band_width: .*less than or equal to 1"),
         ("refine.threshold_quantile", -0.1, r"refine\.threshold_quantile"),
         ("data.source", "kaggle", r"data\.source: .*'synthetic', 'mhist' or 'folder'"),
         ("data.synthetic.label_noise", 0.5, r"data\.synthetic\.label_noise"),
@@ -174,13 +176,13 @@ def test_paper_preset_trains_every_group_well_before_the_end() -> None:
 def test_a_declared_key_does_not_open_its_section() -> None:
     """Declaring refine.threshold_quantile gives that key, not refine.crf (DVC would not track it)."""
     view = StageParams(load_params(PROJECT_ROOT / "params.yaml"), ["refine.threshold_quantile", "evaluate"], "evaluate")
-    assert view.refine.threshold_quantile == 0.5
+    assert view.refine.threshold_quantile == "auto"
     assert view.evaluate.threshold == 0.5  # a whole section gives everything under it
     with pytest.raises(ParamsError, match=r"stage 'evaluate' reads params 'refine\.crf' but dvc\.yaml does not"):
         _ = view.refine.crf
     with pytest.raises(ParamsError, match="refine.restrict_to_tissue"):
         _ = view.refine.restrict_to_tissue
-    assert view.to_flat_dict() == {"refine.threshold_quantile": 0.5} | {
+    assert view.to_flat_dict() == {"refine.threshold_quantile": "auto"} | {
         f"evaluate.{key}": value for key, value in view.evaluate.model_dump().items()
     }
 
@@ -228,3 +230,13 @@ def test_background_quantile_above_threshold_quantile_is_refused_naming_both_key
     from weakseg.params import RefineParams
 
     assert RefineParams().background_quantile is None  # the schema's default is the paper's chain
+
+
+def test_auto_threshold_quantile_without_background_quantile_is_refused() -> None:
+    """threshold_quantile: auto sits above the background seeds, so the two-label chain (null) cannot use it."""
+    raw = _with("refine.threshold_quantile", "auto")
+    raw["refine"]["background_quantile"] = None
+    with pytest.raises(ParamsError, match=r"refine\.threshold_quantile: auto places .*refine\.background_quantile"):
+        parse_params(raw, "params.yaml")
+    raw["refine"]["background_quantile"] = 0.3
+    assert parse_params(raw).refine.threshold_quantile == "auto"

@@ -8,7 +8,16 @@ import pytest
 
 from weakseg.data.layout import Tile
 from weakseg.params import RefineParams
-from weakseg.pseudo_masks import TileResult, flat_metrics, settings_from_params, summarize, tile_jobs
+from weakseg.pseudo_masks import (
+    TileResult,
+    flat_metrics,
+    needs_normal_tissue_estimate,
+    resolve_quantiles,
+    settings_from_params,
+    summarize,
+    tile_jobs,
+)
+from weakseg.refine import RefineInputError
 
 TILES = [
     Tile("p1.png", "SSA", "train", True),
@@ -24,6 +33,37 @@ def test_settings_follow_the_params_and_drop_a_disabled_crf() -> None:
     assert settings.threshold_quantile == 0.6 and settings.min_object_size == 9
     assert settings.crf is not None and settings.crf.iterations == 3 and settings.crf.bilateral_srgb == 7
     assert settings_from_params(RefineParams(crf={"enabled": False})).crf is None
+
+
+@pytest.mark.parametrize(
+    ("threshold", "background", "width", "estimate", "expected"),
+    [
+        (0.5, None, 0.2, None, (0.5, None)),  # the paper: two labels, no estimate read
+        (0.5, 0.1, 0.2, None, (0.5, 0.1)),
+        (0.5, "auto", 0.2, 0.3, (0.5, 0.3)),
+        (0.5, "auto", 0.2, 0.8, (0.5, 0.5)),  # a numeric cut caps the seeds
+        ("auto", "auto", 0.2, 0.3, (0.5, 0.3)),  # the foreground sits a band above the seeds
+        ("auto", "auto", 0.2, 0.0, (0.2, 0.0)),  # nothing looks normal: all but the band is foreground
+        ("auto", "auto", 0.2, 0.9, (1.0, 0.9)),  # at most 1: no foreground cut past the tissue
+        ("auto", "auto", 0.0, 0.3, (0.3, 0.3)),  # no band: seeds and foreground meet
+        ("auto", 0.1, 0.25, None, (0.35, 0.1)),  # a fixed seed share needs no estimate
+    ],
+)
+def test_quantiles_resolve_each_auto(
+    threshold: float | str, background: float | str | None, width: float, estimate: float | None, expected: tuple
+) -> None:
+    refine = RefineParams(threshold_quantile=threshold, background_quantile=background, ignore_band_width=width)
+    resolved = resolve_quantiles(refine, estimate)
+    assert resolved == pytest.approx(expected) if expected[1] is not None else resolved == expected
+    assert needs_normal_tissue_estimate(refine) == (background == "auto")
+    settings = settings_from_params(refine, estimate)
+    assert (settings.threshold_quantile, settings.background_quantile) == resolved
+
+
+def test_auto_background_without_an_estimate_is_a_clear_error() -> None:
+    for threshold in (0.5, "auto"):
+        with pytest.raises(RefineInputError, match=r"metrics/cams\.json"):
+            resolve_quantiles(RefineParams(threshold_quantile=threshold, background_quantile="auto"), None)
 
 
 def test_negative_train_tiles_are_not_refined_and_truth_is_optional(tmp_path: Path) -> None:

@@ -290,3 +290,39 @@ def test_automatic_background_quantile_is_generate_cams_estimate_capped_at_the_f
     pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))
     assert (pixels[:, :12] == 255).all() and not pixels[:, 12:].any()  # capped: no band left
     assert read_json(tmp_path / "metrics/pseudo_masks.json")["background_quantile"] == 0.625
+
+
+def test_automatic_threshold_quantile_puts_the_foreground_above_the_seeds_and_the_band(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    """The same p1: an estimate of 0.25 and a band of 0.25 put the foreground's cut at the 0.5-quantile."""
+    from PIL import Image
+
+    from weakseg.io import write_json
+
+    monkeypatch.chdir(tmp_path)
+    refine = {
+        **SMALL,
+        "crf": {"enabled": False},
+        "threshold_quantile": "auto",
+        "ignore_band_width": 0.25,
+        "background_quantile": "auto",
+    }
+    write_project(tmp_path, refine)
+    cam = np.full((SIZE, SIZE), 220, dtype=np.uint8)
+    cam[:, 12:] = 4 * np.arange(12, SIZE, dtype=np.uint8)
+    write_png(tmp_path / "data/cams/p1.png", cam)
+    write_json(tmp_path / "metrics/cams.json", {"normal_tissue_fraction": 0.25})
+    assert run_refine() == 0
+    pixels = np.asarray(Image.open(tmp_path / "data/pseudo_masks/p1.png"))
+    # Quantiles over the 32 columns: the lowest 8 (columns 12-19) are seeds, the next 8 the band, the top
+    # half (the 12 columns at 220 and columns 28-31) the foreground.
+    assert (pixels[:, :12] == 255).all() and (pixels[:, 28:] == 255).all()
+    assert (pixels[:, 12:20] == 0).all() and (pixels[:, 20:28] == 128).all()
+    report = read_json(tmp_path / "metrics/pseudo_masks.json")
+    assert (report["background_quantile"], report["threshold_quantile"]) == (0.25, 0.5)
+    assert tracker.metrics["pseudo.threshold_quantile"] == 0.5
+    # A share so large that seeds and band reach past the whole tissue leaves no foreground cut above 1.
+    write_json(tmp_path / "metrics/cams.json", {"normal_tissue_fraction": 0.9})
+    assert run_refine() == 0
+    assert read_json(tmp_path / "metrics/pseudo_masks.json")["threshold_quantile"] == 1.0

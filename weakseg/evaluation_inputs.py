@@ -19,9 +19,10 @@ from weakseg.data.layout import Tile
 from weakseg.distributed import select_device
 from weakseg.evaluation import EvaluateInputError, TestTile
 from weakseg.inference import load_model, make_forward
-from weakseg.io import read_gray, read_mask, read_pseudo_mask, read_rgb
-from weakseg.params import StageParams
-from weakseg.refine import threshold_cam
+from weakseg.io import read_gray, read_json, read_mask, read_pseudo_mask, read_rgb
+from weakseg.params import RefineParams, StageParams
+from weakseg.pseudo_masks import resolve_quantiles
+from weakseg.refine import RefineInputError, threshold_cam
 from weakseg.sliding_window import predict_images
 
 
@@ -35,6 +36,7 @@ class EvaluationInputs:
     pseudo_masks: Path
     classifier: Path
     segmenter: Path
+    cam_metrics: Path  # generate_cams' normal-tissue estimate, which refine.threshold_quantile: auto builds on
 
 
 def _check_shape(path: Path, array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -43,6 +45,25 @@ def _check_shape(path: Path, array: np.ndarray, shape: tuple[int, int]) -> np.nd
             f"{path}: size {array.shape[1]}x{array.shape[0]} differs from its tile's {shape[1]}x{shape[0]}"
         )
     return array
+
+
+def cam_threshold_quantile(refine: RefineParams, cam_metrics: Path) -> float:
+    """The foreground quantile refine_masks used: ``refine.threshold_quantile``, its ``auto`` resolved.
+
+    Raises:
+        EvaluateInputError: for ``auto`` without generate_cams' estimate.
+    """
+    if refine.threshold_quantile != "auto":
+        return float(refine.threshold_quantile)
+    if not cam_metrics.is_file():
+        raise EvaluateInputError(
+            f"{cam_metrics}: not found; refine.threshold_quantile: auto needs generate_cams' normal-tissue "
+            "estimate (re-run generate_cams)"
+        )
+    try:
+        return resolve_quantiles(refine, read_json(cam_metrics).get("normal_tissue_fraction"))[0]
+    except RefineInputError as error:
+        raise EvaluateInputError(f"{cam_metrics}: {error}") from None
 
 
 def score_tiles(
@@ -55,8 +76,8 @@ def score_tiles(
     """Runs both models over the test tiles and gathers every mask the metrics need.
 
     Args:
-        params: the evaluate stage's params (``evaluate``, ``refine.threshold_quantile``,
-            ``refine.restrict_to_tissue``, ``data.positive_label``).
+        params: the evaluate stage's params (``evaluate``, ``refine.threshold_quantile`` with what its
+            ``auto`` builds on, ``refine.restrict_to_tissue``, ``data.positive_label``).
         inputs: where the tiles, masks and checkpoints are.
         tiles: the test tiles to score, in order.
         shown: names of the figure tiles, whose image and probability map are kept.
@@ -92,6 +113,7 @@ def score_tiles(
     # The tile decision that gates the segmenter's mask (its tile_probabilities key is the gate's name).
     gate_threshold = {"classifier": classifier_threshold, "head": head_threshold}.get(settings.segmenter_gate)
     images_folder, tissue_folder = inputs.normalized / "images", inputs.normalized / "tissue"
+    cam_quantile = cam_threshold_quantile(params.refine, inputs.cam_metrics)
 
     def images() -> Iterator[tuple[int, np.ndarray]]:
         for index, tile in enumerate(tiles):
@@ -115,7 +137,7 @@ def score_tiles(
         if params.refine.restrict_to_tissue:
             # The same post-processing as `predict`: lesion pixels are tissue by definition.
             predicted &= tissue
-        cam_mask = threshold_cam(cam, tissue, params.refine.threshold_quantile, params.refine.restrict_to_tissue)
+        cam_mask = threshold_cam(cam, tissue, cam_quantile, params.refine.restrict_to_tissue)
         ungated = None
         if gate_threshold is not None and prediction.tile_probabilities[settings.segmenter_gate] < gate_threshold:
             ungated, predicted = predicted, np.zeros_like(predicted)

@@ -46,10 +46,10 @@ def settings_from_params(refine: RefineParams, normal_tissue_fraction: float | N
     Args:
         refine: the params block.
         normal_tissue_fraction: generate_cams' estimate (``metrics/cams.json``), which
-            ``background_quantile: auto`` takes as its quantile.
+            ``background_quantile: auto`` takes as its quantile (and ``threshold_quantile: auto`` builds on).
 
     Raises:
-        RefineInputError: for ``background_quantile: auto`` without an estimate.
+        RefineInputError: for an ``auto`` quantile that needs the estimate without one.
     """
     crf = refine.crf
     crf_settings = (
@@ -66,27 +66,55 @@ def settings_from_params(refine: RefineParams, normal_tissue_fraction: float | N
         if crf.enabled
         else None
     )
+    threshold_quantile, background_quantile = resolve_quantiles(refine, normal_tissue_fraction)
     return RefineSettings(
-        threshold_quantile=refine.threshold_quantile,
+        threshold_quantile=threshold_quantile,
         restrict_to_tissue=refine.restrict_to_tissue,
         opening_kernel=refine.opening_kernel,
         closing_kernel=refine.closing_kernel,
         min_object_size=refine.min_object_size,
         crf=crf_settings,
-        background_quantile=_background_quantile(refine, normal_tissue_fraction),
+        background_quantile=background_quantile,
     )
 
 
-def _background_quantile(refine: RefineParams, normal_tissue_fraction: float | None) -> float | None:
-    """The band's lower quantile: as set, or for ``auto`` the estimated normal share, capped at the foreground's cut."""
-    if refine.background_quantile != "auto":
-        return refine.background_quantile
-    if normal_tissue_fraction is None:
-        raise RefineInputError(
-            "refine.background_quantile: auto needs the normal-tissue estimate of generate_cams "
-            "(metrics/cams.json: normal_tissue_fraction); re-run generate_cams"
-        )
-    return min(max(float(normal_tissue_fraction), 0.0), refine.threshold_quantile)
+def needs_normal_tissue_estimate(refine: RefineParams) -> bool:
+    """Whether :func:`resolve_quantiles` reads generate_cams' normal-tissue estimate for these params."""
+    return refine.background_quantile == "auto"
+
+
+def resolve_quantiles(refine: RefineParams, normal_tissue_fraction: float | None) -> tuple[float, float | None]:
+    """The foreground's and the background's CAM quantiles, each ``auto`` replaced by its value.
+
+    ``background_quantile: auto`` is the estimated normal share, capped at a numeric ``threshold_quantile``.
+    ``threshold_quantile: auto`` is the background quantile plus ``ignore_band_width``, at most 1: the
+    foreground is the tissue above the seeds and the band, so where nothing looks normal (EBHI: a share near
+    0) it is most of a positive tile's tissue, and where much does (the demo) it is what the seeds leave.
+
+    Args:
+        refine: the params block.
+        normal_tissue_fraction: generate_cams' estimate, or None where there is none.
+
+    Returns:
+        ``(threshold_quantile, background_quantile)``; the second is None for two-label masks.
+
+    Raises:
+        RefineInputError: for ``background_quantile: auto`` without an estimate.
+    """
+    background = refine.background_quantile
+    if background == "auto":
+        if normal_tissue_fraction is None:
+            raise RefineInputError(
+                "refine.background_quantile: auto needs the normal-tissue estimate of generate_cams "
+                "(metrics/cams.json: normal_tissue_fraction); re-run generate_cams"
+            )
+        background = min(max(float(normal_tissue_fraction), 0.0), 1.0)
+    if refine.threshold_quantile == "auto":
+        if background is None:  # the params schema refuses this pair; a clear error for hand-built params
+            raise RefineInputError("refine.threshold_quantile: auto needs refine.background_quantile, got null")
+        return min(background + refine.ignore_band_width, 1.0), background
+    threshold = float(refine.threshold_quantile)
+    return threshold, None if background is None else min(background, threshold)
 
 
 @dataclass(frozen=True)
@@ -313,6 +341,8 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     flat: dict[str, float] = {}
     if report.get("background_quantile") is not None:  # the band's lower quantile, as set or estimated (auto)
         flat["background_quantile"] = report["background_quantile"]
+    if report.get("threshold_quantile") is not None:  # the foreground's quantile, as set or resolved (auto)
+        flat["threshold_quantile"] = report["threshold_quantile"]
     for partition in PARTITIONS:
         section = report.get(partition, {})
         flat[f"{partition}.coverage_positive_mean"] = section.get("coverage", {}).get("positive", {}).get("mean", 0.0)

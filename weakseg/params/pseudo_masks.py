@@ -69,7 +69,20 @@ class CrfParams(_Strict):
 class RefineParams(_Strict):
     """Stage 3: CAM -> pseudo-mask."""
 
-    threshold_quantile: float = Field(0.5, ge=0.0, le=1.0)
+    threshold_quantile: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(
+        0.5,
+        description="The CAM quantile (within a positive tile's tissue) above which a pixel is foreground. "
+        "auto: the background quantile plus ignore_band_width (at most 1), so the foreground is what lies "
+        "above the background seeds and a band of that width: as large as the tissue that does not look "
+        "normal allows, on any set.",
+    )
+    ignore_band_width: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="For threshold_quantile: auto. The share of a positive tile's tissue, between its background "
+        "seeds and its foreground, that the segmenter's loss ignores.",
+    )
     restrict_to_tissue: bool = True
     opening_kernel: int = Field(3, ge=0, description="0 skips opening.")
     closing_kernel: int = Field(5, ge=0, description="0 skips closing.")
@@ -81,14 +94,26 @@ class RefineParams(_Strict):
         "tissue pixels whose CAM is at or below it are background, the other non-foreground tissue pixels "
         "of a positive tile are ignored by the segmenter's loss (written as 128). auto: the share of a "
         "positive tile's tissue that looks normal, estimated by generate_cams on the validation split "
-        "(metrics/cams.json: normal_tissue_fraction), capped at threshold_quantile.",
+        "(metrics/cams.json: normal_tissue_fraction), capped at a numeric threshold_quantile.",
     )
     workers: int = Field(0, ge=0, description="Process-pool size; 0 uses every core.")
     figure_tiles: int = Field(4, ge=0, le=32)
 
     @model_validator(mode="after")
     def _band_below_foreground(self) -> RefineParams:
-        if isinstance(self.background_quantile, float) and self.background_quantile > self.threshold_quantile:
+        if self.threshold_quantile == "auto" and self.background_quantile is None:
+            raise _key_error(
+                "RefineParams",
+                ("threshold_quantile",),
+                self.threshold_quantile,
+                "auto places the foreground above the background seeds, so refine.background_quantile must be "
+                "a number or auto, not null",
+            )
+        if (
+            isinstance(self.background_quantile, float)
+            and isinstance(self.threshold_quantile, float)
+            and self.background_quantile > self.threshold_quantile
+        ):
             raise _key_error(
                 "RefineParams",
                 ("background_quantile",),
