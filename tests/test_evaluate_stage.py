@@ -353,6 +353,8 @@ def test_the_cam_row_uses_the_foreground_quantile_refine_masks_resolved(tmp_path
 
     estimate = tmp_path / "metrics" / "cams.json"
     assert cam_threshold_quantile(RefineParams(threshold_quantile=0.6), estimate) == 0.6  # nothing read
+    fixed_seeds = RefineParams(threshold_quantile="auto", background_quantile=0.1, ignore_band_width=0.3)
+    assert cam_threshold_quantile(fixed_seeds, estimate) == pytest.approx(0.4)  # nor here
     automatic = RefineParams(threshold_quantile="auto", background_quantile="auto", ignore_band_width=0.2)
     with pytest.raises(EvaluateInputError, match=r"cams\.json: not found"):
         cam_threshold_quantile(automatic, estimate)

@@ -21,7 +21,7 @@ from weakseg.evaluation import EvaluateInputError, TestTile
 from weakseg.inference import load_model, make_forward
 from weakseg.io import read_gray, read_json, read_mask, read_pseudo_mask, read_rgb
 from weakseg.params import RefineParams, StageParams
-from weakseg.pseudo_masks import resolve_quantiles
+from weakseg.pseudo_masks import needs_normal_tissue_estimate, resolve_quantiles
 from weakseg.refine import RefineInputError, threshold_cam
 from weakseg.sliding_window import predict_images
 
@@ -51,10 +51,12 @@ def cam_threshold_quantile(refine: RefineParams, cam_metrics: Path) -> float:
     """The foreground quantile refine_masks used: ``refine.threshold_quantile``, its ``auto`` resolved.
 
     Raises:
-        EvaluateInputError: for ``auto`` without generate_cams' estimate.
+        EvaluateInputError: for ``auto`` on ``background_quantile: auto`` without generate_cams' estimate.
     """
     if refine.threshold_quantile != "auto":
         return float(refine.threshold_quantile)
+    if not needs_normal_tissue_estimate(refine):  # a numeric background quantile: nothing to read
+        return resolve_quantiles(refine, None)[0]
     if not cam_metrics.is_file():
         raise EvaluateInputError(
             f"{cam_metrics}: not found; refine.threshold_quantile: auto needs generate_cams' normal-tissue "
