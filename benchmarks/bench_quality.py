@@ -283,12 +283,13 @@ def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
         whole_tile_classifier(params, dataset)
     elif method == "fully_supervised":
         # The yardstick's segmenter starts from the same whole-tile classifier's backbone as before.
+        # Below the foreground's step in the ladder, as measured (its pseudo-masks are not used).
+        params = method_params(dataset, "weakseg_half_foreground", seed)
         _set(params, "segmenter.targets", "truth")
-        _set(params, "refine.threshold_quantile", 0.5)  # its pseudo-masks are not used; kept as measured
         whole_tile_classifier(params, dataset)
     elif method == "weakseg_whole_tile_classifier":
         # Below the foreground's step in the ladder: the top half, as these rows were measured.
-        _set(params, "refine.threshold_quantile", 0.5)
+        params = method_params(dataset, "weakseg_half_foreground", seed)
         whole_tile_classifier(params, dataset)
         _set(params, "evaluate.segmenter_gate", "none")
     elif method in ABLATIONS:
