@@ -218,6 +218,14 @@ def test_ablation_rows_change_only_their_component() -> None:
         smaller["refine"]["threshold_quantile"] = 0.5
         assert smaller == half
         half["refine"]["threshold_quantile"] = "auto"
+        # The gate's rule steps between them; the rows below it choose the cut by balanced accuracy alone.
+        gate = bench_quality.method_params(dataset, "weakseg_balanced_accuracy_gate", 2)
+        assert (default["classifier"]["decision_rule"], half["classifier"]["decision_rule"]) == (
+            "auto",
+            "balanced_accuracy",
+        )
+        assert half == gate
+        half["classifier"]["decision_rule"] = "auto"
         assert half == default
         # The rows below the foreground's step keep the top half they were measured with.
         for row in ("weakseg_whole_tile_classifier", "fully_supervised"):

@@ -267,3 +267,59 @@ def test_balanced_accuracy_threshold_refuses_bad_input() -> None:
         metrics.choose_balanced_accuracy_threshold([True, False], [0.3])
     with pytest.raises(ValueError, match="finite"):
         metrics.choose_balanced_accuracy_threshold([True, False], [0.3, float("nan")])
+
+
+# Twelve validation positives and three negatives: the imbalanced variant's shape (33 to 3 there).
+SCARCE_NEGATIVE_LABELS = [True] * 12 + [False] * 3
+SCARCE_NEGATIVE_SCORES = [0.9, 0.92, 0.95, 0.96, 0.97, 0.98, 0.99, 0.991, 0.992, 0.993, 0.994, 0.995, 0.05, 0.2, 0.3]
+
+
+def test_auto_decision_rule_lets_the_abundant_positives_place_the_cut_where_negatives_are_scarce() -> None:
+    # Balanced accuracy ties over every cut between 0.3 and 0.9 and takes the one nearest 0.5 (0.6); with three
+    # negatives that is a guess, so auto cuts at the lowest validation positive: all 12 kept, no negative passed.
+    by_balanced_accuracy = metrics.choose_decision_threshold(SCARCE_NEGATIVE_LABELS, SCARCE_NEGATIVE_SCORES)
+    assert (by_balanced_accuracy.threshold, by_balanced_accuracy.rule) == (pytest.approx(0.6), "balanced_accuracy")
+    auto = metrics.choose_decision_threshold(SCARCE_NEGATIVE_LABELS, SCARCE_NEGATIVE_SCORES, "auto", min_class_tiles=10)
+    assert (auto.threshold, auto.rule, auto.reason) == (0.9, "lowest_validation_positive", "")
+    at_cut = metrics.classification_scores(SCARCE_NEGATIVE_LABELS, SCARCE_NEGATIVE_SCORES, auto.threshold)
+    assert at_cut["sensitivity"] == 1.0 and at_cut["specificity"] == 1.0
+
+
+def test_auto_decision_rule_keeps_every_validation_positive_even_past_a_scarce_negative() -> None:
+    # One of three negatives scores above three positives: balanced accuracy gives them up to call that one
+    # negative right (a negative weighs four positives there); auto keeps every positive.
+    labels = [True] * 12 + [False] * 3
+    scores = [0.5, 0.55, 0.6, *[0.9] * 9, 0.1, 0.2, 0.7]
+    assert metrics.choose_decision_threshold(labels, scores).threshold == pytest.approx(0.8)
+    auto = metrics.choose_decision_threshold(labels, scores, "auto")
+    assert auto.threshold == 0.5 and auto.rule == "lowest_validation_positive"
+
+
+def test_auto_decision_rule_lets_the_abundant_negatives_place_the_cut_where_positives_are_scarce() -> None:
+    labels = [False] * 12 + [True] * 2
+    scores = [0.01 * index for index in range(12)] + [0.6, 0.9]
+    auto = metrics.choose_decision_threshold(labels, scores, "auto")
+    assert auto.rule == "above_highest_validation_negative"
+    assert 0.11 < auto.threshold < 0.11 + 1e-12  # just above the highest negative: it is called negative
+    assert metrics.classification_scores(labels, scores, auto.threshold)["specificity"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("positives", "negatives"),
+    [(10, 10), (3, 4), (12, 0)],  # both classes enough, both scarce, one class missing (0.5 with its reason)
+)
+def test_auto_decision_rule_is_balanced_accuracy_unless_exactly_one_class_is_scarce(
+    positives: int, negatives: int
+) -> None:
+    labels = [True] * positives + [False] * negatives
+    scores = list(np.linspace(0.55, 0.99, positives)) + list(np.linspace(0.01, 0.45, negatives))
+    auto = metrics.choose_decision_threshold(labels, scores, "auto")
+    assert auto == metrics.choose_balanced_accuracy_threshold(labels, scores)
+
+
+def test_decision_rule_is_recorded_and_an_unknown_one_refused() -> None:
+    record = metrics.calibrate_threshold(SCARCE_NEGATIVE_LABELS, SCARCE_NEGATIVE_SCORES, "auto").record()
+    assert record["rule"] == "lowest_validation_positive" and record["threshold"] == 0.9
+    assert record["specificity"] == 1.0
+    with pytest.raises(ValueError, match="decision rule 'best'"):
+        metrics.choose_decision_threshold([True, False], [0.9, 0.1], "best")

@@ -376,6 +376,7 @@ def test_stage_stores_and_reports_the_validation_decision_threshold(trained: dic
     reported = json.loads((folder / "metrics" / "classifier.json").read_text())
     assert payload["decision_threshold"] == pytest.approx(expected, abs=1e-6)
     assert reported["decision"]["threshold"] == payload["decision_threshold"]
+    assert reported["decision"]["rule"] == "balanced_accuracy"  # tiny: under 10 validation tiles of each class
     at_threshold = classification_scores(labels, probabilities, payload["decision_threshold"])
     assert reported["decision"]["balanced_accuracy"] == pytest.approx(at_threshold["balanced_accuracy"])
     assert reported["balance"] == "none"

@@ -206,13 +206,20 @@ class ThresholdChoice:
     Attributes:
         threshold: predict positive when ``score >= threshold``.
         reason: empty when the threshold was chosen from the scores; otherwise why 0.5 was kept.
+        rule: what placed it: ``balanced_accuracy``, ``lowest_validation_positive`` or
+            ``above_highest_validation_negative`` (see :func:`choose_decision_threshold`).
     """
 
     threshold: float
     reason: str = ""
+    rule: str = "balanced_accuracy"
 
 
 FALLBACK_THRESHOLD = 0.5
+#: The rules of :func:`choose_decision_threshold`.
+DECISION_RULES = ("auto", "balanced_accuracy")
+#: With fewer validation tiles than this of one class, ``auto`` lets the other class place the cut.
+MIN_CLASS_TILES_FOR_BALANCED_ACCURACY = 10
 
 
 def choose_balanced_accuracy_threshold(labels: Labels, scores: Scores) -> ThresholdChoice:
@@ -265,6 +272,51 @@ def choose_balanced_accuracy_threshold(labels: Labels, scores: Scores) -> Thresh
     return ThresholdChoice(float(tied[distance == distance.min()].min()))
 
 
+def choose_decision_threshold(
+    labels: Labels,
+    scores: Scores,
+    rule: str = "balanced_accuracy",
+    min_class_tiles: int = MIN_CLASS_TILES_FOR_BALANCED_ACCURACY,
+) -> ThresholdChoice:
+    """A tile decision threshold on validation ``(labels, scores)`` by ``rule``.
+
+    ``balanced_accuracy`` is :func:`choose_balanced_accuracy_threshold`. ``auto`` is the same while each class
+    has at least ``min_class_tiles`` tiles. Where one class has fewer (and the other enough), those few say
+    little about where the class's unseen tiles score: a classifier that trained on a few dozen such tiles
+    scores the ones like them far from the cut and new ones nearer, and balanced accuracy weighs each of the few
+    as much as many tiles of the other class. The abundant class then places the cut alone: at the lowest
+    validation positive's score where negatives are scarce (every validation positive kept, as few negatives
+    passed as that allows), just above the highest validation negative's where positives are scarce.
+
+    Args:
+        labels: true labels (positive = True).
+        scores: finite scores of the positive class, one per label.
+        rule: ``auto`` or ``balanced_accuracy``.
+        min_class_tiles: the fewest tiles of a class for ``auto`` to trust its scores.
+
+    Returns:
+        The choice, with the rule that placed it.
+
+    Raises:
+        ValueError: on an unknown rule, lengths that differ or a score that is not finite.
+    """
+    if rule not in DECISION_RULES:
+        raise ValueError(f"decision rule {rule!r}: expected one of {', '.join(DECISION_RULES)}")
+    choice = choose_balanced_accuracy_threshold(labels, scores)
+    if rule == "balanced_accuracy" or choice.reason:
+        return choice
+    labels_array = np.asarray(labels, dtype=bool).reshape(-1)
+    scores_array = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positives = int(labels_array.sum())
+    negatives = int(labels_array.size - positives)
+    if negatives < min_class_tiles <= positives:
+        return ThresholdChoice(float(scores_array[labels_array].min()), rule="lowest_validation_positive")
+    if positives < min_class_tiles <= negatives:
+        highest_negative = float(scores_array[~labels_array].max())
+        return ThresholdChoice(float(np.nextafter(highest_negative, np.inf)), rule="above_highest_validation_negative")
+    return choice
+
+
 def best_balanced_accuracy_threshold(labels: Labels, scores: Scores) -> float:
     """The threshold of :func:`choose_balanced_accuracy_threshold` (0.5 where it falls back)."""
     return choose_balanced_accuracy_threshold(labels, scores).threshold
@@ -281,25 +333,28 @@ class ThresholdCalibration:
         reason: empty when the threshold was chosen on validation; otherwise why 0.5 was kept.
         metrics: ``accuracy``, ``balanced_accuracy``, ``auc``, ``sensitivity``, ``specificity`` on the
             validation split at ``threshold``.
+        rule: what placed it (:attr:`ThresholdChoice.rule`).
     """
 
     threshold: float
     reason: str
     metrics: dict[str, float]
+    rule: str = "balanced_accuracy"
 
     def record(self) -> dict[str, Any]:
-        """The metrics-file entry: the threshold, the metrics, and the reason if any."""
-        record: dict[str, Any] = {"threshold": self.threshold, **self.metrics}
+        """The metrics-file entry: the threshold, the rule that placed it, the metrics, and the reason if any."""
+        record: dict[str, Any] = {"threshold": self.threshold, "rule": self.rule, **self.metrics}
         if self.reason:
             record["threshold_reason"] = self.reason
         return record
 
 
-def calibrate_threshold(labels: Labels, probabilities: Scores) -> ThresholdCalibration:
-    """:func:`choose_balanced_accuracy_threshold` on validation scores, with the scores at the chosen cut."""
-    choice = choose_balanced_accuracy_threshold(labels, probabilities)
+def calibrate_threshold(labels: Labels, probabilities: Scores, rule: str = "balanced_accuracy") -> ThresholdCalibration:
+    """:func:`choose_decision_threshold` on validation scores, with the scores at the chosen cut."""
+    choice = choose_decision_threshold(labels, probabilities, rule)
     return ThresholdCalibration(
         threshold=choice.threshold,
         reason=choice.reason,
         metrics=classification_scores(labels, probabilities, choice.threshold),
+        rule=choice.rule,
     )

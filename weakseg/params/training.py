@@ -78,6 +78,13 @@ class ClassifierParams(_Strict):
     unfreeze: UnfreezeParams = UnfreezeParams()
     augment: AugmentParams = AugmentParams()
     selection_metric: Literal["balanced_accuracy", "auc", "accuracy", "loss"] = "balanced_accuracy"
+    decision_rule: Literal["auto", "balanced_accuracy"] = Field(
+        "balanced_accuracy",
+        description="How the tile decision threshold is chosen on the validation split: 'balanced_accuracy', "
+        "the cut of highest balanced accuracy; 'auto', the same unless one class has fewer than 10 validation "
+        "tiles, where the other class places it (scarce negatives: the lowest validation positive's score; "
+        "scarce positives: just above the highest validation negative's).",
+    )
     crop_size: int | None = Field(
         None,
         ge=16,

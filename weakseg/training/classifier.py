@@ -16,7 +16,7 @@ each epoch a seeded class-balanced draw (:func:`~weakseg.training.classifier_dat
 ``weight`` weights the BCE term's positives by negatives / positives (:func:`positive_weight`).
 
 After the last epoch the best weights' decision threshold is chosen on the validation split
-(:func:`calibrate_decision`, highest balanced accuracy) and handed back with them.
+(:func:`calibrate_decision`, by ``classifier.decision_rule``) and handed back with them.
 """
 
 from __future__ import annotations
@@ -316,7 +316,15 @@ def train_classifier(
     apply_trainable_groups(model, set(ALL_GROUPS))
     # The kept epoch's decision threshold, chosen on validation (every rank alike: same weights, same tiles).
     model.load_state_dict(fitted.best_state_dict)
-    decision = calibrate_decision(model, validation_dataset, params.batch_size, device, params.num_workers, distributed)
+    decision = calibrate_decision(
+        model,
+        validation_dataset,
+        params.batch_size,
+        device,
+        params.num_workers,
+        distributed,
+        rule=params.decision_rule,
+    )
     model.eval()
     return TrainingResult(
         fitted.best_state_dict,

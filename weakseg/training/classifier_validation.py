@@ -85,15 +85,18 @@ def majority_class_rate(labels: np.ndarray | list[bool]) -> float:
     return max(positives, 1.0 - positives)
 
 
-def choose_decision(labels: torch.Tensor, logits: torch.Tensor) -> ThresholdCalibration:
-    """The balanced-accuracy threshold of validation ``logits`` against 0/1 ``labels``, and its scores.
+def choose_decision(
+    labels: torch.Tensor, logits: torch.Tensor, rule: str = "balanced_accuracy"
+) -> ThresholdCalibration:
+    """The decision threshold of validation ``logits`` against 0/1 ``labels`` by ``rule``, and its scores.
 
-    :func:`weakseg.metrics.choose_balanced_accuracy_threshold` states the rule, the tie rule and when 0.5
-    is kept (a split of one class, or no cut better than chance).
+    :func:`weakseg.metrics.choose_decision_threshold` states the rules;
+    :func:`weakseg.metrics.choose_balanced_accuracy_threshold` the tie rule and when 0.5 is kept (a split of
+    one class, or no cut better than chance).
     """
     positives = labels.numpy().reshape(-1) > 0.5
     probabilities = torch.sigmoid(logits.float()).numpy().astype(np.float64).reshape(-1)
-    return calibrate_threshold(positives, probabilities)
+    return calibrate_threshold(positives, probabilities, rule)
 
 
 def calibrate_decision(
@@ -103,8 +106,9 @@ def calibrate_decision(
     device: torch.device,
     num_workers: int = 0,
     context: DistributedContext | None = None,
+    rule: str = "balanced_accuracy",
 ) -> ThresholdCalibration:
-    """Chooses the (best) model's decision threshold on the validation split and scores it there.
+    """Chooses the (best) model's decision threshold on the validation split by ``rule`` and scores it there.
 
     The model runs in float32 without autocast, as ``evaluate`` and ``predict`` run the saved checkpoint;
     under a distributed ``context`` every rank scores its share and all get the same answer. ``model`` is
@@ -115,4 +119,4 @@ def calibrate_decision(
     else:
         loader = build_eval_loader(validation_dataset, batch_size, num_workers, device.type == "cuda")
         logits, labels = predict_logits(model, loader, device)
-    return choose_decision(labels, logits)
+    return choose_decision(labels, logits, rule)
