@@ -116,7 +116,7 @@ TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
     "weakseg": "the default method (a balanced classifier trained on 64 px crops, which also gates the mask at a cut chosen on validation, by balanced accuracy unless one class has under 10 tiles there; layer3 CAM; ignore band with background seeds of the normal share measured on its crops, below the validation negatives' 90th percentile, and foreground above the seeds and a band of 20 % of the tissue; one-cycle segmenter; no CRF; scarce negatives repeated), tile labels only",
-    "weakseg_balanced_accuracy_gate": "ablation: weakseg with the gate's cut always at the highest validation balanced accuracy, however few validation negatives there are (classifier.decision_rule balanced_accuracy; the default before)",
+    "weakseg_balanced_accuracy_gate": "ablation: weakseg with the gate's cut (and the segmenter head's) always at the highest validation balanced accuracy, however few validation negatives there are (classifier.decision_rule and segmenter.decision_rule balanced_accuracy; the default before)",
     "weakseg_half_foreground": "ablation: weakseg_balanced_accuracy_gate with the top half of a positive tile's tissue CAM as foreground instead of what lies above the seeds and the band (refine.threshold_quantile 0.5; the default before)",
     "weakseg_whole_tile_classifier": "ablation: weakseg with its classifier trained on whole tiles, no gate (weakseg's default before the crop classifier)",
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
@@ -147,7 +147,10 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {"segmenter.curriculum.oversample_negatives": False},
     ),
     # The default before the gate's cut was placed by the abundant class where the other is scarce.
-    "weakseg_balanced_accuracy_gate": ("weakseg", {"classifier.decision_rule": "balanced_accuracy"}),
+    "weakseg_balanced_accuracy_gate": (
+        "weakseg",
+        {"classifier.decision_rule": "balanced_accuracy", "segmenter.decision_rule": "balanced_accuracy"},
+    ),
     # The default before the foreground was placed above the seeds: the top half of the tissue CAM.
     "weakseg_half_foreground": ("weakseg_balanced_accuracy_gate", {"refine.threshold_quantile": 0.5}),
     # A contrast off it: a smaller foreground, which the demo's smaller lesions favour and EBHI's not.
@@ -289,6 +292,7 @@ def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
         params["cam"], params["refine"] = paper["cam"], paper["refine"]
         params["evaluate"]["segmenter_gate"] = paper["evaluate"]["segmenter_gate"]
         params["classifier"]["decision_rule"] = paper["classifier"]["decision_rule"]
+        params["segmenter"]["decision_rule"] = paper["segmenter"]["decision_rule"]
         whole_tile_classifier(params, dataset)
     elif method == "fully_supervised":
         # The yardstick's segmenter starts from the same whole-tile classifier's backbone as before.

@@ -128,6 +128,7 @@ def _train(params: StageParams, context: DistributedContext) -> None:
             {"epoch": result.best_epoch, "validation": metrics["validation"], "decision": metrics["decision"]},
             prefix="best.",
         )
+        tracker.set_tags({"decision.rule": result.decision.rule})  # what classifier.decision_rule resolved to
         if result.pos_weight is not None:
             tracker.log_metrics({"bce_pos_weight": result.pos_weight})
         tracker.log_artifact(HISTORY)

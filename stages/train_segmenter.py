@@ -121,6 +121,7 @@ def _train(params: StageParams, context: DistributedContext) -> None:
         write_json(METRICS, metrics)
         tracking.log_metrics({f"best_{key}": value for key, value in result.best_metrics.items()})
         tracking.log_metrics({"best_epoch": result.best_epoch, "val_head": result.head.record()})
+        tracking.set_tags({"val_head.rule": result.head.rule})  # what segmenter.decision_rule resolved to
         tracking.log_artifact(HISTORY)
         tracking.log_artifact(METRICS)
     log_summary(logger, result, params.segmenter.targets)

@@ -94,8 +94,10 @@ def test_paper_and_reference_rows_differ_from_the_default_only_where_they_should
     assert weak["seed"] == 1 and weak["data"]["synthetic"]["seed"] == 1
     assert full["classifier"] == bench_quality.method_params("demo", "weakseg_whole_tile_classifier", 1)["classifier"]
     assert full["segmenter"]["targets"] == "truth"
-    assert {key: value for key, value in full["segmenter"].items() if key != "targets"} == {
-        key: value for key, value in weak["segmenter"].items() if key != "targets"
+    # The yardstick sits below the gate's step in the ladder: its head's cut by balanced accuracy, as measured.
+    assert (full["segmenter"]["decision_rule"], weak["segmenter"]["decision_rule"]) == ("balanced_accuracy", "auto")
+    assert {key: value for key, value in full["segmenter"].items() if key not in ("targets", "decision_rule")} == {
+        key: value for key, value in weak["segmenter"].items() if key not in ("targets", "decision_rule")
     }
 
 
@@ -225,7 +227,8 @@ def test_ablation_rows_change_only_their_component() -> None:
             "balanced_accuracy",
         )
         assert half == gate
-        half["classifier"]["decision_rule"] = "auto"
+        assert half["segmenter"]["decision_rule"] == "balanced_accuracy"
+        half["classifier"]["decision_rule"] = half["segmenter"]["decision_rule"] = "auto"
         assert half == default
         # The rows below the foreground's step keep the top half they were measured with.
         for row in ("weakseg_whole_tile_classifier", "fully_supervised"):

@@ -11,7 +11,7 @@ from weakseg.losses.segmentation import SegmentationLoss, SegmentationLossWeight
 from weakseg.metrics import PixelCounts
 from weakseg.params import SegmenterParams
 from weakseg.training.datasets import TileDataset
-from weakseg.training.segmenter_data import batch_loader
+from weakseg.training.segmenter_data import SegmenterData, batch_loader
 from weakseg.training.segmenter_validation import calibrate_head, head_probabilities, validate
 
 
@@ -54,3 +54,17 @@ def test_validation_counts_leave_ignored_pixels_out() -> None:
     result = validate(_EverywhereLesion(), loader, loss, torch.device("cpu"), mixed_precision=False)
     assert result.counts == PixelCounts(true_positive=32, false_positive=64, false_negative=0, true_negative=0)
     assert result.counts.iou == pytest.approx(32 / 96)
+
+
+def test_calibrate_head_takes_the_decision_rule() -> None:
+    # Twelve positives and two negatives: auto lets the positives place the cut, at the lowest positive's score
+    # (the head scores every positive alike, so that is their score).
+    data = _tiny_data(24, 0)  # alternating positive and negative tiles
+    keep = np.r_[np.flatnonzero(data.positives), np.flatnonzero(~data.positives)[:2]]
+    validation = SegmenterData(data.images[keep], data.masks[keep], data.positives[keep])
+    by_balanced_accuracy = calibrate_head(_ShiftedHead(), validation, batch_size=4, device=torch.device("cpu"))
+    auto = calibrate_head(_ShiftedHead(), validation, batch_size=4, device=torch.device("cpu"), rule="auto")
+    scores = head_probabilities(_ShiftedHead(), validation.images, 4, torch.device("cpu"))
+    assert by_balanced_accuracy.rule == "balanced_accuracy" and auto.rule == "lowest_validation_positive"
+    assert auto.threshold == pytest.approx(scores[validation.positives].min())
+    assert auto.threshold > by_balanced_accuracy.threshold and auto.metrics["sensitivity"] == 1.0

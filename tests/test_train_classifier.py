@@ -385,6 +385,7 @@ def test_stage_stores_and_reports_the_validation_decision_threshold(trained: dic
     mlflow.set_tracking_uri(trained["uri"])
     run = mlflow.search_runs(experiment_names=["weakseg"], output_format="list")[0]
     assert run.data.metrics["best.decision.threshold"] == pytest.approx(payload["decision_threshold"])
+    assert run.data.tags["decision.rule"] == "balanced_accuracy"
 
 
 # ------------------------------------------------------------------------------------- crop training

@@ -301,7 +301,7 @@ def test_stage_stores_the_validation_head_threshold(project: Path, monkeypatch: 
     payload = torch.load(project / "models/segmenter.pt", map_location="cpu", weights_only=True)
     assert payload["head_threshold"] == pytest.approx(0.875)
     head = json.loads((project / "metrics/segmenter.json").read_text())["val_head"]
-    assert head["threshold"] == pytest.approx(0.875)
+    assert head["threshold"] == pytest.approx(0.875) and head["rule"] == "balanced_accuracy"
     assert (head["balanced_accuracy"], head["sensitivity"], head["specificity"], head["auc"]) == (1.0, 1.0, 1.0, 1.0)
     loaded = load_model(project / "models/segmenter.pt", "segmenter", torch.device("cpu"))
     assert loaded.head_threshold == pytest.approx(0.875)

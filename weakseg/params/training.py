@@ -223,6 +223,11 @@ class SegmenterParams(_Strict):
         description="The validation score that picks the best epoch: pooled IoU against the validation "
         "targets, or the validation loss (for targets with no foreground pixel).",
     )
+    decision_rule: Literal["auto", "balanced_accuracy"] = Field(
+        "balanced_accuracy",
+        description="How the head's tile decision threshold is chosen on the validation split (the rules of "
+        "classifier.decision_rule).",
+    )
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = Field(False, description="bf16 autocast (CUDA, or a CPU with native bf16).")

@@ -277,7 +277,7 @@ def train_segmenter(
     fitted = fit(model, range(1, params.epochs + 1), run_epoch, strictly_higher, on_epoch, early_stopping)
     # The kept epoch's head, thresholded on validation (every rank alike: same weights, same tiles).
     model.load_state_dict(fitted.best_state_dict)
-    head = calibrate_head(model, validation, local_batch_size, device)
+    head = calibrate_head(model, validation, local_batch_size, device, params.decision_rule)
     return SegmenterTrainingResult(
         best_state_dict=fitted.best_state_dict,
         best_epoch=fitted.best_epoch,

@@ -85,17 +85,22 @@ def head_probabilities(model: nn.Module, images: np.ndarray, batch_size: int, de
 
 
 def calibrate_head(
-    model: nn.Module, validation: SegmenterData, batch_size: int, device: torch.device
+    model: nn.Module,
+    validation: SegmenterData,
+    batch_size: int,
+    device: torch.device,
+    rule: str = "balanced_accuracy",
 ) -> ThresholdCalibration:
-    """Chooses the head's tile threshold on ``validation`` (highest balanced accuracy) and scores it there.
+    """Chooses the head's tile threshold on ``validation`` by ``rule`` and scores it there.
 
     The head learns from BCE on a curriculum that shows negative tiles late and rarely, so its
     probabilities are not calibrated: 0.5 can call every tile positive while the ranking is perfect.
-    :func:`weakseg.metrics.choose_balanced_accuracy_threshold` states the rule, the tie rule and when
-    0.5 is kept (e.g. a validation split of one class).
+    :func:`weakseg.metrics.choose_decision_threshold` states the rules;
+    :func:`weakseg.metrics.choose_balanced_accuracy_threshold` the tie rule and when 0.5 is kept (e.g. a
+    validation split of one class).
     """
     scores = head_probabilities(model, validation.images, batch_size, device)
-    return calibrate_threshold(validation.positives, scores)
+    return calibrate_threshold(validation.positives, scores, rule)
 
 
 def sum_over_ranks(result: ValidationResult, context: DistributedContext) -> ValidationResult:
