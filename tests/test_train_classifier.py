@@ -368,6 +368,31 @@ def test_weight_mode_trains_with_the_training_splits_ratio() -> None:
     assert (result.balance, result.pos_weight) == ("weight", pytest.approx(2.0))
 
 
+@pytest.mark.parametrize("rule", ["auto", "balanced_accuracy"])
+def test_the_loop_chooses_the_threshold_by_classifier_decision_rule(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    rules: list[str] = []
+    calibrate = loop.calibrate_decision
+
+    def recording(*args: Any, rule: str, **kwargs: Any) -> Any:
+        rules.append(rule)
+        return calibrate(*args, rule=rule, **kwargs)
+
+    monkeypatch.setattr(loop, "calibrate_decision", recording)
+    train_set, validation_set = _in_memory_datasets()
+    torch.manual_seed(0)
+    result = loop.train_classifier(
+        models.build_classifier("resnet18", "none"),
+        train_set,
+        validation_set,
+        ClassifierParams(epochs=1, batch_size=4, decision_rule=rule),
+        0,
+        torch.device("cpu"),
+    )
+    assert rules == [rule]
+    # Two validation positives and four negatives: both classes under 10 tiles, so auto is balanced accuracy.
+    assert result.decision.rule == "balanced_accuracy"
+
+
 def test_stage_stores_and_reports_the_validation_decision_threshold(trained: dict[str, Any]) -> None:
     folder = trained["folder"]
     payload, validation, probabilities = _validation_probabilities(folder)
@@ -376,7 +401,7 @@ def test_stage_stores_and_reports_the_validation_decision_threshold(trained: dic
     reported = json.loads((folder / "metrics" / "classifier.json").read_text())
     assert payload["decision_threshold"] == pytest.approx(expected, abs=1e-6)
     assert reported["decision"]["threshold"] == payload["decision_threshold"]
-    assert reported["decision"]["rule"] == "balanced_accuracy"  # tiny: under 10 validation tiles of each class
+    assert reported["decision"]["rule"] == "balanced_accuracy"  # the schema's default rule
     at_threshold = classification_scores(labels, probabilities, payload["decision_threshold"])
     assert reported["decision"]["balanced_accuracy"] == pytest.approx(at_threshold["balanced_accuracy"])
     assert reported["balance"] == "none"

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -232,6 +233,24 @@ def test_best_checkpoint_and_early_stopping(monkeypatch: pytest.MonkeyPatch) -> 
     first_key = next(iter(result.best_state_dict))
     assert torch.equal(result.best_state_dict[first_key], weights_seen[1])
     assert not torch.equal(result.best_state_dict[first_key], weights_seen[3])
+
+
+@pytest.mark.parametrize("rule", ["auto", "balanced_accuracy"])
+def test_the_loop_chooses_the_head_threshold_by_segmenter_decision_rule(
+    rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules: list[str] = []
+    calibrate = loop.calibrate_head
+
+    def recording(*args: Any) -> Any:
+        rules.append(args[-1])
+        return calibrate(*args)
+
+    monkeypatch.setattr(loop, "calibrate_head", recording)
+    params = SegmenterParams(**{**TINY_SEGMENTER, "epochs": 1, "batch_size": 2, "decision_rule": rule})
+    result = loop.train_segmenter(_tiny_data(4, 0), _tiny_data(2, 1), params, seed=0, device=torch.device("cpu"))
+    assert rules == [rule]
+    assert result.head.rule == "balanced_accuracy"  # one validation tile of each class: auto keeps balanced accuracy
 
 
 def test_selection_by_loss_keeps_the_lowest_validation_loss_whatever_the_iou(monkeypatch: pytest.MonkeyPatch) -> None:
