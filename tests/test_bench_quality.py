@@ -229,10 +229,21 @@ def test_ablation_rows_change_only_their_component() -> None:
         assert half == gate
         assert half["segmenter"]["decision_rule"] == "balanced_accuracy"
         half["classifier"]["decision_rule"] = half["segmenter"]["decision_rule"] = "auto"
+        # Hole filling is the top step: every row below it keeps the masks as they were measured.
+        kept = bench_quality.method_params(dataset, "weakseg_without_hole_filling", 2)
+        assert (default["evaluate"]["fill_holes"], kept["evaluate"]["fill_holes"], half["evaluate"]["fill_holes"]) == (
+            True,
+            False,
+            False,
+        )
+        half["evaluate"]["fill_holes"] = kept["evaluate"]["fill_holes"] = True
         assert half == default
+        assert kept == default
         # The rows below the foreground's step keep the top half they were measured with.
         for row in ("weakseg_whole_tile_classifier", "fully_supervised"):
             assert bench_quality.method_params(dataset, row, 2)["refine"]["threshold_quantile"] == 0.5
+            assert bench_quality.method_params(dataset, row, 2)["evaluate"]["fill_holes"] is False
+        assert bench_quality.method_params(dataset, "paper", 2)["evaluate"]["fill_holes"] is False
     seeds = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_with_background_seeds", 1)
     assert seeds["refine"]["background_quantile"] < seeds["refine"]["threshold_quantile"]
     whole = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_whole_tile_classifier", 1)

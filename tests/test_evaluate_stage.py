@@ -251,6 +251,36 @@ def test_the_classifier_gate_empties_the_segmenter_mask_of_tiles_called_negative
     assert strict["segmenter_ungated"]["vs_truth"]["iou"] == pytest.approx(ungated["segmenter"]["vs_truth"]["iou"])
 
 
+def test_fill_holes_adds_the_lumens_the_tissue_restriction_leaves_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
+) -> None:
+    """With every pixel above the threshold the mask is the tissue; evaluate.fill_holes adds its lumen."""
+    tiles = _build_project(tmp_path, with_truth=True)
+    tissue = np.ones((TILE, TILE), dtype=bool)
+    tissue[10:14, 10:14] = False  # inside every test tile's true square
+    for tile in tiles:
+        if tile.partition == "test":
+            write_png(tmp_path / "data/normalized/tissue" / tile.name, tissue)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    results = {}
+    for fill in (False, True):
+        params["evaluate"].update({"segmenter_gate": "none", "threshold": 1e-9, "fill_holes": fill})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+        results[fill] = json.loads(Path("metrics/evaluate.json").read_text())
+    truths = [_square(4 + index) for index, tile in enumerate(tiles) if tile.partition == "test" and tile.positive]
+    lesion = sum(int(truth.sum()) for truth in truths)
+    test_pixels = sum(tile.partition == "test" for tile in tiles) * TILE * TILE
+    lumen_in_lesion = 16 * len(truths)
+    # Kept: the tissue of every tile, without the lumens (those of the lesions missed); filled: every pixel.
+    lumens = 16 * sum(tile.partition == "test" for tile in tiles)
+    kept_iou = (lesion - lumen_in_lesion) / (test_pixels - lumens + lumen_in_lesion)
+    assert results[False]["segmenter"]["vs_truth"]["iou"] == pytest.approx(kept_iou)
+    assert results[True]["segmenter"]["vs_truth"]["iou"] == pytest.approx(lesion / test_pixels)
+    assert results[True]["segmenter"]["vs_truth"]["iou"] != pytest.approx(kept_iou)
+
+
 # ------------------------------------------------------------------ classifier decision threshold
 def _store_classifier(root: Path, decision_threshold: float, probability: float | None = None) -> None:
     """Stores ``decision_threshold`` in the project's classifier checkpoint; with ``probability``, the

@@ -233,3 +233,25 @@ def test_the_head_gate_row_empties_the_masks_of_tiles_the_head_calls_negative_at
     # A threshold below both keeps both masks: the row is the ungated one.
     lenient = evaluation.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.3)
     assert lenient["segmenter_head_gated"]["vs_truth"] == lenient["segmenter_ungated"]["vs_truth"]
+
+
+def test_the_filled_tissue_baseline_adds_the_holes_the_tissue_encloses() -> None:
+    truth = _square(4)  # a lesion outlined as a region, its lumen included
+    tissue = np.ones((TILE, TILE), dtype=bool)
+    tissue[8:12, 8:12] = False  # the lumen: glass inside the tissue
+    record = evaluation.TestTile(
+        tile=Tile("p.png", "SSA", "test", True),
+        prediction=truth & tissue,
+        pseudo=truth.copy(),
+        cam_mask=truth.copy(),
+        tissue=tissue,
+        truth=truth,
+        classifier_probability=0.9,
+        head_probability=0.9,
+    )
+    baseline = evaluation.compute_metrics([record], 0.5, 10, has_truth=True)["baseline"]
+    lumen = 16
+    tissue_iou = baseline["tissue_if_classified_positive"]["vs_truth"]["iou"]
+    filled_iou = baseline["tissue_holes_filled_if_classified_positive"]["vs_truth"]["iou"]
+    assert tissue_iou == pytest.approx((truth.sum() - lumen) / (TILE * TILE))
+    assert filled_iou == pytest.approx(truth.sum() / (TILE * TILE))

@@ -272,6 +272,11 @@ def test_gate_option_is_parsed() -> None:
     assert not predict.parse_options(["--input", "a", "--output", "b"]).gate
 
 
+def test_fill_holes_option_is_parsed() -> None:
+    assert predict.parse_options(["--input", "a", "--output", "b", "--fill-holes"]).fill_holes
+    assert not predict.parse_options(["--input", "a", "--output", "b"]).fill_holes
+
+
 def test_test_time_augmentation_option_is_parsed_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert predict.parse_options(["--input", "a", "--output", "b"]).test_time_augmentation == "none"
     options = predict.parse_options(["--input", "a", "--output", "b", "--test-time-augmentation", "dihedral"])

@@ -36,3 +36,15 @@ def test_summarize_decides_the_classifier_tile_at_its_own_threshold() -> None:
     assert (result.tile_threshold, result.tile_positive, bool(result.mask.any())) == (0.8, False, False)
     kept = predict_folder.summarize(prediction, None, 0.5, head_threshold=0.99, gate=True, classifier_threshold=0.6)
     assert kept.tile_positive and kept.mask.all()
+
+
+def test_summarize_fills_the_holes_the_tissue_restriction_leaves_only_when_asked() -> None:
+    prediction = ImagePrediction(np.full((9, 9), 0.9, dtype=np.float32), {"head": 0.95}, 1)
+    tissue = np.ones((9, 9), dtype=bool)
+    tissue[3:6, 3:6] = False  # a gland's lumen: glass inside the tissue
+    kept = predict_folder.summarize(prediction, tissue, 0.5, head_threshold=0.5)
+    np.testing.assert_array_equal(kept.mask, tissue)
+    filled = predict_folder.summarize(prediction, tissue, 0.5, head_threshold=0.5, fill_holes=True)
+    assert filled.mask.all()
+    gated = predict_folder.summarize(prediction, tissue, 0.5, head_threshold=0.99, gate=True, fill_holes=True)
+    assert not gated.mask.any()  # the gate still empties it

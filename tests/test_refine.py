@@ -12,6 +12,7 @@ from weakseg.refine import (
     close_mask,
     crf_unary_probability,
     dense_crf,
+    fill_enclosed_holes,
     foreground_fraction,
     open_mask,
     refine_pseudo_mask,
@@ -280,3 +281,28 @@ def test_background_quantile_above_the_threshold_quantile_is_refused() -> None:
     settings = RefineSettings(**{**PLAIN_CHAIN, "threshold_quantile": 0.4}, background_quantile=0.6)
     with pytest.raises(UserInputError, match=r"refine\.background_quantile.*refine\.threshold_quantile"):
         refine_pseudo_mask(cam, np.zeros((4, 5, 3), dtype=np.uint8), tissue, True, settings)
+
+
+# ------------------------------------------------------------------------------------------ hole filling
+def test_fill_enclosed_holes_fills_what_the_mask_encloses_and_nothing_open_to_the_edge() -> None:
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[1:7, 1:7] = True
+    mask[3:5, 3:5] = False  # a lumen inside the region: filled
+    mask[8:12, 8:12] = True
+    mask[10:12, 10:12] = False  # a notch open to the image's edge: kept out
+    before = mask.copy()
+    filled = fill_enclosed_holes(mask)
+    expected = before.copy()
+    expected[3:5, 3:5] = True
+    assert filled.dtype == bool
+    np.testing.assert_array_equal(filled, expected)
+    np.testing.assert_array_equal(mask, before)  # the input is not modified
+
+
+def test_fill_enclosed_holes_counts_background_as_connected_along_rows_and_columns_only() -> None:
+    # [2, 2] reaches the edge's [0, 0] only through diagonal steps: it and [1, 1] are enclosed.
+    mask = np.ones((5, 5), dtype=bool)
+    mask[0, 0] = mask[1, 1] = mask[2, 2] = False
+    filled = fill_enclosed_holes(mask)
+    assert filled[1, 1] and filled[2, 2] and not filled[0, 0]
+    assert not fill_enclosed_holes(np.zeros((4, 4), dtype=bool)).any()

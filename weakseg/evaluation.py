@@ -22,6 +22,7 @@ from weakseg import metrics
 from weakseg.data.layout import Tile
 from weakseg.errors import UserInputError
 from weakseg.io import write_csv
+from weakseg.refine import fill_enclosed_holes
 
 ROC_COLUMNS = ("fpr", "tpr", "threshold")
 CONFUSION_COLUMNS = ("actual", "predicted")
@@ -132,6 +133,13 @@ def compute_metrics(
         result["baseline"]["tissue_if_classified_positive"]["vs_truth"] = metrics.segmentation_scores(
             baseline, truths, labels
         )
+        # The same with each tile's enclosed holes filled (evaluate.fill_holes' post-processing): how much of
+        # a filled mask's score the lumens alone give.
+        result["baseline"]["tissue_holes_filled_if_classified_positive"] = {
+            "vs_truth": metrics.segmentation_scores(
+                gate([fill_enclosed_holes(tissue) for tissue in tissues], classified_positive), truths, labels
+            )
+        }
         result["baseline"]["tissue_if_label_positive_oracle_label"] = {
             "vs_truth": metrics.segmentation_scores(gate(tissues, labels), truths, labels)
         }

@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "does; with --classifier the classifier decides, else the segmenter head)",
     )
     parser.add_argument(
+        "--fill-holes",
+        action="store_true",
+        help="add to each mask the regions it encloses, such as gland lumens inside a lesion (after the tissue "
+        "restriction; as evaluate.fill_holes does)",
+    )
+    parser.add_argument(
         "--tissue-min-object-size", type=int, default=None, help="override the stain reference's recorded value"
     )
     parser.add_argument(
@@ -135,6 +141,7 @@ def parse_options(argv: Sequence[str] | None) -> PredictOptions:
         workers=arguments.workers,
         gate=arguments.gate,
         test_time_augmentation=arguments.test_time_augmentation,
+        fill_holes=arguments.fill_holes,
     )
 
 

@@ -24,6 +24,7 @@ from weakseg.distributed import select_device
 from weakseg.errors import UserInputError
 from weakseg.inference import LoadedModel, load_model, make_forward
 from weakseg.io import ImageReadError, read_rgb, write_csv, write_png
+from weakseg.refine import fill_enclosed_holes
 from weakseg.sliding_window import ImagePrediction, predict_images
 from weakseg.tile_preparation import (
     PreparedImage,
@@ -74,6 +75,7 @@ class PredictOptions:
     workers: int = 2
     gate: bool = False  # empty the mask of a tile whose tile decision is negative (evaluate.segmenter_gate)
     test_time_augmentation: str = "none"  # "dihedral": pixel logits averaged over 8 rotations and flips
+    fill_holes: bool = False  # add the regions each mask encloses (evaluate.fill_holes)
 
 
 @dataclass
@@ -132,6 +134,7 @@ def summarize(
     head_threshold: float,
     gate: bool = False,
     classifier_threshold: float | None = None,
+    fill_holes: bool = False,
 ) -> TileResult:
     """The mask (thresholded, inside tissue) and tile probability (classifier if present, else the head).
 
@@ -142,6 +145,8 @@ def summarize(
         head_threshold: the segmenter head's tile threshold (from its checkpoint).
         gate: empty the mask when the tile decision is negative.
         classifier_threshold: the classifier's tile threshold (from its checkpoint); ``threshold`` if None.
+        fill_holes: after the tissue restriction, add the regions the mask encloses
+            (:func:`weakseg.refine.fill_enclosed_holes`, as ``evaluate.fill_holes``).
 
     Raises:
         PredictInputError: if the prediction has no probability map (no segmenter ran).
@@ -151,6 +156,8 @@ def summarize(
     mask = prediction.probability >= threshold
     if tissue is not None:
         mask &= tissue
+    if fill_holes:
+        mask = fill_enclosed_holes(mask)
     source = "classifier" if "classifier" in prediction.tile_probabilities else "head"
     tile_probability = prediction.tile_probabilities[source]
     if source == "classifier":
@@ -272,6 +279,7 @@ def run_predict(options: PredictOptions) -> list[str]:
                 segmenter.head_threshold,
                 options.gate,
                 classifier_threshold=classifier.decision_threshold if classifier is not None else None,
+                fill_holes=options.fill_holes,
             )
             writes.append(pool.submit(write_outputs, options.output, prepared, result))
             while len(writes) > 2 * options.batch_size:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 from skimage import morphology
 
 from weakseg.errors import UserInputError
@@ -205,6 +206,16 @@ def remove_small_components(mask: np.ndarray, min_size: int = 64) -> np.ndarray:
         return mask.copy()
     # skimage >= 0.26 removes components of size <= max_size.
     return morphology.remove_small_objects(mask, max_size=min_size - 1, connectivity=2)
+
+
+def fill_enclosed_holes(mask: np.ndarray) -> np.ndarray:
+    """Adds to the mask every region it encloses: background not 4-connected to the image's edge.
+
+    Pathologists outline a lesion as a region, so the lumen of a gland inside it is lesion in their masks
+    although it is glass, not tissue; a mask restricted to tissue leaves those lumens out. Tissue the mask
+    encloses is filled too. Holes open to the edge of the image stay (they may lie outside the lesion).
+    """
+    return ndimage.binary_fill_holes(np.asarray(mask, dtype=bool))
 
 
 def cam_foreground_probability(cam: np.ndarray, cut: float) -> np.ndarray:

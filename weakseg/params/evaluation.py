@@ -32,6 +32,12 @@ class EvaluateParams(_Strict):
         "and flips, each turned back (8x the segmenter's time at test); tile decisions stay those of the tile "
         "as it is, whose thresholds were chosen on validation. weakseg-predict --test-time-augmentation.",
     )
+    fill_holes: bool = Field(
+        False,
+        description="True: after the threshold and refine.restrict_to_tissue, every region a tile's mask "
+        "encloses is added to it (gland lumens inside a lesion, which region outlines include; "
+        "weakseg-predict --fill-holes does the same). The paper's chain has no such step.",
+    )
     min_foreground_pixels: int = Field(64, ge=0, description="Tile positive if the prediction has more.")
     figure_tiles: int = Field(4, ge=1, le=32, description="Test tiles per class in the figures.")
     figure_seed: int = Field(0, ge=0)
