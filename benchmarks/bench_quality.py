@@ -133,6 +133,7 @@ TRAINED_ROWS = {
     "weakseg_constant_learning_rate": "ablation: weakseg_median_normal_reference with a constant segmenter learning rate instead of one cycle (the demo's default before these two steps)",
     "weakseg_median_normal_reference": "ablation: weakseg_half_foreground with the normal share measured below the validation negatives' median instead of their 90th percentile (the default before)",
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
+    "fully_supervised_with_hole_filling": "fully_supervised with weakseg's hole filling (evaluate.fill_holes true)",
 }
 # Trained ablation rows: (the row it changes, the dotted params it sets).
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -153,6 +154,8 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # The default before the mask's enclosed holes were filled (every row below it keeps them, as measured).
     "weakseg_without_hole_filling": ("weakseg", {"evaluate.fill_holes": False}),
+    # The yardstick with the same step, so the gap to it is not the step's.
+    "fully_supervised_with_hole_filling": ("fully_supervised", {"evaluate.fill_holes": True}),
     # The default before the gate's cut was placed by the abundant class where the other is scarce.
     "weakseg_balanced_accuracy_gate": (
         "weakseg_without_hole_filling",
@@ -192,6 +195,7 @@ LADDER = (
     "weakseg_without_background_seeds",
     "weakseg_with_background_seeds",
     "weakseg_top_40_percent_foreground",
+    "fully_supervised_with_hole_filling",
 )
 DATASET_METHODS = {
     "demo": (
@@ -212,6 +216,7 @@ DATASET_METHODS = {
         "weakseg_cam_layer4",
         "weakseg_without_negative_oversampling",
         "fully_supervised",
+        "fully_supervised_with_hole_filling",
     ),
     "ebhi-hgin-polyp-mostly-positive": (
         "weakseg",
@@ -220,6 +225,7 @@ DATASET_METHODS = {
         "weakseg_half_foreground",
         "weakseg_whole_tile_classifier",
         "fully_supervised",
+        "fully_supervised_with_hole_filling",
     ),
 }
 # classifier.epochs of the whole-tile classifier (the presets' budget before crops), per preset.
@@ -261,6 +267,7 @@ ROW_ORDER = [
     "weakseg_median_normal_reference",
     "weakseg_constant_learning_rate",
     "fully_supervised",
+    "fully_supervised_with_hole_filling",
 ]
 
 

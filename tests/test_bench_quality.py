@@ -244,6 +244,11 @@ def test_ablation_rows_change_only_their_component() -> None:
             assert bench_quality.method_params(dataset, row, 2)["refine"]["threshold_quantile"] == 0.5
             assert bench_quality.method_params(dataset, row, 2)["evaluate"]["fill_holes"] is False
         assert bench_quality.method_params(dataset, "paper", 2)["evaluate"]["fill_holes"] is False
+        yardstick = bench_quality.method_params(dataset, "fully_supervised", 2)
+        filled_yardstick = bench_quality.method_params(dataset, "fully_supervised_with_hole_filling", 2)
+        assert filled_yardstick["evaluate"].pop("fill_holes") is True
+        yardstick["evaluate"].pop("fill_holes")
+        assert filled_yardstick == yardstick
     seeds = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_with_background_seeds", 1)
     assert seeds["refine"]["background_quantile"] < seeds["refine"]["threshold_quantile"]
     whole = bench_quality.method_params("ebhi-hgin-polyp", "weakseg_whole_tile_classifier", 1)
