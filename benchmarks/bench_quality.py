@@ -320,6 +320,9 @@ def method_params(dataset: str, method: str, seed: int) -> dict[str, Any]:
         params = method_params(dataset, "weakseg_half_foreground", seed)
         _set(params, "segmenter.targets", "truth")
         whole_tile_classifier(params, dataset)
+        # Never gated: the yardstick is the segmenter's own masks (a whole-tile classifier's gate would drop
+        # positive tiles it misses).
+        _set(params, "evaluate.segmenter_gate", "none")
     elif method == "weakseg_whole_tile_classifier":
         # Below the foreground's step in the ladder: the top half, as these rows were measured.
         params = method_params(dataset, "weakseg_half_foreground", seed)

@@ -245,6 +245,7 @@ def test_ablation_rows_change_only_their_component() -> None:
             assert bench_quality.method_params(dataset, row, 2)["evaluate"]["fill_holes"] is False
         assert bench_quality.method_params(dataset, "paper", 2)["evaluate"]["fill_holes"] is False
         yardstick = bench_quality.method_params(dataset, "fully_supervised", 2)
+        assert yardstick["evaluate"]["segmenter_gate"] == "none"
         filled_yardstick = bench_quality.method_params(dataset, "fully_supervised_with_hole_filling", 2)
         assert filled_yardstick["evaluate"].pop("fill_holes") is True
         yardstick["evaluate"].pop("fill_holes")
