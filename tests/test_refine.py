@@ -13,6 +13,7 @@ from weakseg.refine import (
     crf_unary_probability,
     dense_crf,
     fill_enclosed_holes,
+    mask_from_probability,
     foreground_fraction,
     open_mask,
     refine_pseudo_mask,
@@ -306,3 +307,15 @@ def test_fill_enclosed_holes_counts_background_as_connected_along_rows_and_colum
     filled = fill_enclosed_holes(mask)
     assert filled[1, 1] and filled[2, 2] and not filled[0, 0]
     assert not fill_enclosed_holes(np.zeros((4, 4), dtype=bool)).any()
+
+
+def test_mask_from_probability_thresholds_restricts_to_tissue_then_fills() -> None:
+    probability = np.full((7, 7), 0.5)
+    probability[0, :] = 0.49  # below the threshold: never foreground
+    tissue = np.ones((7, 7), dtype=bool)
+    tissue[3, 3] = False  # a lumen the mask encloses
+    assert mask_from_probability(probability, 0.5).sum() == 42  # the threshold is inclusive
+    kept = mask_from_probability(probability, 0.5, tissue)
+    assert kept.sum() == 41 and not kept[3, 3]
+    filled = mask_from_probability(probability, 0.5, tissue, fill_holes=True)
+    assert filled[3, 3] and filled.sum() == 42

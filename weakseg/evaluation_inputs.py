@@ -22,7 +22,7 @@ from weakseg.inference import load_model, make_forward
 from weakseg.io import read_gray, read_json, read_mask, read_pseudo_mask, read_rgb
 from weakseg.params import RefineParams, StageParams
 from weakseg.pseudo_masks import needs_normal_tissue_estimate, resolve_quantiles
-from weakseg.refine import RefineInputError, fill_enclosed_holes, threshold_cam
+from weakseg.refine import RefineInputError, mask_from_probability, threshold_cam
 from weakseg.sliding_window import predict_images
 
 
@@ -135,12 +135,12 @@ def score_tiles(
         pseudo = _check_shape(pseudo_path, read_pseudo_mask(pseudo_path)[0], shape)
         truth_path = inputs.true_masks / tile.name
         truth = _check_shape(truth_path, read_mask(truth_path), shape) if has_truth else None
-        predicted = prediction.probability >= settings.threshold
-        if params.refine.restrict_to_tissue:
-            # The same post-processing as `predict`: lesion pixels are tissue by definition.
-            predicted &= tissue
-        if settings.fill_holes:
-            predicted = fill_enclosed_holes(predicted)
+        predicted = mask_from_probability(
+            prediction.probability,
+            settings.threshold,
+            tissue if params.refine.restrict_to_tissue else None,
+            settings.fill_holes,
+        )
         cam_mask = threshold_cam(cam, tissue, cam_quantile, params.refine.restrict_to_tissue)
         ungated = None
         if gate_threshold is not None and prediction.tile_probabilities[settings.segmenter_gate] < gate_threshold:

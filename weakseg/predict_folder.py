@@ -24,7 +24,7 @@ from weakseg.distributed import select_device
 from weakseg.errors import UserInputError
 from weakseg.inference import LoadedModel, load_model, make_forward
 from weakseg.io import ImageReadError, read_rgb, write_csv, write_png
-from weakseg.refine import fill_enclosed_holes
+from weakseg.refine import mask_from_probability
 from weakseg.sliding_window import ImagePrediction, predict_images
 from weakseg.tile_preparation import (
     PreparedImage,
@@ -153,11 +153,7 @@ def summarize(
     """
     if prediction.probability is None:
         raise PredictInputError("predict needs the segmenter's probability map, and the prediction has none")
-    mask = prediction.probability >= threshold
-    if tissue is not None:
-        mask &= tissue
-    if fill_holes:
-        mask = fill_enclosed_holes(mask)
+    mask = mask_from_probability(prediction.probability, threshold, tissue, fill_holes)
     source = "classifier" if "classifier" in prediction.tile_probabilities else "head"
     tile_probability = prediction.tile_probabilities[source]
     if source == "classifier":

@@ -218,6 +218,23 @@ def fill_enclosed_holes(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(np.asarray(mask, dtype=bool))
 
 
+def mask_from_probability(
+    probability: np.ndarray, threshold: float, tissue: np.ndarray | None = None, fill_holes: bool = False
+) -> np.ndarray:
+    """The segmenter's mask of one tile, as ``evaluate`` scores it and ``predict`` writes it.
+
+    Args:
+        probability: ``(H, W)`` foreground probabilities.
+        threshold: pixels at or above it are foreground.
+        tissue: ``(H, W)`` boolean tissue mask to restrict the mask to (lesion pixels are tissue), or None.
+        fill_holes: then add the regions the mask encloses (:func:`fill_enclosed_holes`).
+    """
+    mask = np.asarray(probability) >= threshold
+    if tissue is not None:
+        mask &= tissue
+    return fill_enclosed_holes(mask) if fill_holes else mask
+
+
 def cam_foreground_probability(cam: np.ndarray, cut: float) -> np.ndarray:
     """Maps CAM values to a foreground probability with the threshold at 0.5.
 
