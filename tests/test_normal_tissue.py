@@ -18,7 +18,6 @@ from weakseg.normal_tissue import (
     class_evidence_maps,
     crop_evidence_maps,
     estimate_normal_tissue_fraction,
-    evidence_crop_size,
     tissue_evidence,
 )
 
@@ -102,32 +101,6 @@ def test_crop_evidence_recovers_the_normal_share_next_to_a_lesion() -> None:
     assert min(values.min() for values in whole) > max(values.max() for values in negative_values)
 
 
-def test_evidence_crops_are_three_quarters_of_the_classifiers() -> None:
-    assert [evidence_crop_size(size) for size in (64, 32, 1)] == [48, 24, 1]
-    assert evidence_crop_size(None) is None  # a whole-tile classifier: its whole-tile map
-
-
-def test_smaller_evidence_crops_find_the_normal_tissue_next_to_a_lesion() -> None:
-    # As above, with a lesion band over the top quarter of 32-pixel tiles, but the classifier's crop as large
-    # as the tile: on crops of that size every pixel lies in a crop holding the lesion (no share); on three
-    # quarters of it, crops clear of the band reach all three normal quarters (share 0.75).
-    levels = np.arange(MIN_REFERENCE_TILES, dtype=np.uint8)
-    negatives = np.zeros((MIN_REFERENCE_TILES, 32, 32, 3), dtype=np.uint8)
-    negatives[..., 0] = levels[:, None, None]
-    positives = negatives.copy()
-    positives[:, :8, :, 0] = 255
-    tissue = np.ones((MIN_REFERENCE_TILES, 32, 32), dtype=bool)
-    preprocessing = {"tile_size": 32, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "scale": 255.0}
-    device = torch.device("cpu")
-    classifier = _MeanOfFirstChannel()
-    shares = []
-    for window in (32, evidence_crop_size(32)):
-        negative_values = tissue_evidence(classifier, negatives, tissue, device, preprocessing, crop_size=window)
-        positive_values = tissue_evidence(classifier, positives, tissue, device, preprocessing, crop_size=window)
-        shares.append(estimate_normal_tissue_fraction(negative_values, positive_values).normal_tissue_fraction)
-    assert shares == [0.0, pytest.approx(0.75)]
-
-
 def _tiles(values: np.ndarray, count: int = MIN_REFERENCE_TILES) -> list[np.ndarray]:
     return [values.copy() for _ in range(count)]
 
@@ -185,7 +158,6 @@ def test_estimate_from_folder_reads_images_and_tissue_of_each_size(tmp_path: Pat
     estimate = estimate_from_folder(classifier, tiles, tmp_path, torch.device("cpu"), batch_size=1)
     assert (estimate.positive_tiles, estimate.negative_tiles) == (2, 2)
     assert estimate.normal_tissue_fraction == 0.0  # fewer than MIN_REFERENCE_TILES of a class
-    assert estimate.crop_size is None and estimate.evidence_crop_size is None
+    assert estimate.crop_size is None
     cropped = estimate_from_folder(classifier, tiles, tmp_path, torch.device("cpu"), batch_size=1, crop_size=32)
     assert cropped.crop_size == 32 and (cropped.positive_tiles, cropped.negative_tiles) == (2, 2)
-    assert cropped.evidence_crop_size == 24

@@ -30,7 +30,6 @@ from weakseg.normal_tissue import (
     MIN_REFERENCE_TILES,
     NormalTissueEstimate,
     estimate_normal_tissue_fraction,
-    evidence_crop_size,
     tissue_evidence,
 )
 from weakseg.params import CamParams, StageParams
@@ -184,19 +183,17 @@ def estimate_from_folder(
     """:func:`~weakseg.normal_tissue.estimate_normal_tissue_fraction` over ``tiles`` of a normalized folder.
 
     Reads ``normalized/images/NAME`` in :func:`same_size_batches` and ``normalized/tissue/NAME`` beside them.
-    ``crop_size`` is the crop side the classifier was trained on (None: whole tiles); its evidence is
-    measured on crops of :func:`~weakseg.normal_tissue.evidence_crop_size` of it
-    (:func:`~weakseg.normal_tissue.tissue_evidence`).
+    ``crop_size`` is the crop side the classifier was trained on (None: whole tiles), which says how its
+    evidence is measured (:func:`~weakseg.normal_tissue.tissue_evidence`).
     """
-    window = evidence_crop_size(crop_size)
     values: dict[bool, list[np.ndarray]] = {True: [], False: []}
     for batch_tiles, images in same_size_batches(tiles, normalized / "images", batch_size):
         tissue = np.stack([read_mask(normalized / "tissue" / tile.name) for tile in batch_tiles])
-        evidence = tissue_evidence(classifier, images, tissue, device, preprocessing, window)
+        evidence = tissue_evidence(classifier, images, tissue, device, preprocessing, crop_size)
         for tile, tile_evidence in zip(batch_tiles, evidence, strict=True):
             values[tile.positive].append(tile_evidence)
     estimate = estimate_normal_tissue_fraction(values[False], values[True], reference_quantile)
-    return dataclasses.replace(estimate, crop_size=crop_size, evidence_crop_size=window)
+    return dataclasses.replace(estimate, crop_size=crop_size)
 
 
 def write_normal_tissue_estimate(
@@ -212,8 +209,7 @@ def write_normal_tissue_estimate(
 
     Measured on the classifier's validation split (``split`` params): tiles it did not train on, so that
     neither class's evidence is inflated by memorisation. Test tiles are never read. A classifier trained on
-    crops (``classifier.crop_size``) is measured on crops three quarters that size
-    (:data:`~weakseg.normal_tissue.EVIDENCE_CROP_SHARE`).
+    crops (``classifier.crop_size``) is measured on crops of that size.
     """
     tiles = read_annotations(normalized / "annotations.csv", params.data.positive_label)
     split = params.split

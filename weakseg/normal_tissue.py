@@ -34,14 +34,6 @@ from weakseg.cam import images_to_model_input
 from weakseg.errors import UserInputError
 from weakseg.sliding_window import window_starts
 
-# The normal share is measured on crops of this share of the classifier's crop side. On crops of its own
-# size, a normal pixel within a crop's reach of a lesion lies in no crop clear of it and counts as lesion
-# (the demo: a share of 0.27 against about 0.6 in its validation truth); much smaller crops show the
-# classifier too little to see a lesion (on half-size crops, 37 % of the demo's lesion tissue scored as
-# normal). Three quarters recovered the demo's share (0.48) and kept EBHI's near 0 (0.013), as it should be
-# where the classifier cannot place normal tissue (development look on validation truth, one seed each).
-EVIDENCE_CROP_SHARE = 0.75
-
 # Fewer validation tiles of a class than this give no estimate (0: no background seeds). On a set of
 # 10 positives to 1 negative, a 20 % validation split of 170 positive train tiles holds 3 negatives.
 MIN_REFERENCE_TILES = 10
@@ -58,9 +50,7 @@ class NormalTissueEstimate:
         below_cut_fraction: mean share of a positive tile's tissue scoring below the cut.
         positive_tiles: validation positive tiles measured.
         negative_tiles: validation negative tiles measured.
-        crop_size: the crops the classifier was trained on; None: whole tiles.
-        evidence_crop_size: the crops the evidence was measured on (:func:`evidence_crop_size`,
-            :func:`crop_evidence_maps`); None: whole tiles.
+        crop_size: the crops the evidence was measured on (:func:`crop_evidence_maps`); None: whole tiles.
     """
 
     normal_tissue_fraction: float
@@ -70,21 +60,6 @@ class NormalTissueEstimate:
     positive_tiles: int
     negative_tiles: int
     crop_size: int | None = None
-    evidence_crop_size: int | None = None
-
-
-def evidence_crop_size(crop_size: int | None) -> int | None:
-    """The crop side the normal share is measured on (:data:`EVIDENCE_CROP_SHARE` of ``crop_size``).
-
-    Args:
-        crop_size: the crop side the classifier was trained on; None for whole tiles.
-
-    Returns:
-        At least 1 pixel; None for a classifier trained on whole tiles (its whole-tile map is the evidence).
-    """
-    if crop_size is None:
-        return None
-    return max(round(crop_size * EVIDENCE_CROP_SHARE), 1)
 
 
 def class_evidence_maps(classifier: nn.Module, images: torch.Tensor, upsample: bool = True) -> torch.Tensor:
