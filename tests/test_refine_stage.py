@@ -322,8 +322,7 @@ def test_automatic_threshold_quantile_puts_the_foreground_above_the_seeds_and_th
     report = read_json(tmp_path / "metrics/pseudo_masks.json")
     assert (report["background_quantile"], report["threshold_quantile"]) == (0.25, 0.5)
     assert tracker.metrics["pseudo.threshold_quantile"] == 0.5
-    # A share so large that seeds and band would reach past the whole tissue: the band shrinks to 3/4 of
-    # what the seeds leave, so a quarter of it stays foreground.
+    # A share so large that seeds and band reach past the whole tissue leaves no foreground cut above 1.
     write_json(tmp_path / "metrics/cams.json", {"normal_tissue_fraction": 0.9})
     assert run_refine() == 0
-    assert read_json(tmp_path / "metrics/pseudo_masks.json")["threshold_quantile"] == pytest.approx(0.975)
+    assert read_json(tmp_path / "metrics/pseudo_masks.json")["threshold_quantile"] == 1.0
