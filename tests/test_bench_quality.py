@@ -237,16 +237,8 @@ def test_ablation_rows_change_only_their_component() -> None:
             False,
         )
         half["evaluate"]["fill_holes"] = kept["evaluate"]["fill_holes"] = True
-        # The wide ignore band is the step above it: the rows below keep the band of 20 % they were measured with.
-        narrow = bench_quality.method_params(dataset, "weakseg_narrow_ignore_band", 2)
-        bands = [row["refine"]["ignore_band_width"] for row in (default, narrow, kept, half)]
-        assert bands == [0.5, 0.2, 0.2, 0.2]
-        assert narrow["evaluate"]["fill_holes"] is True
-        for row in (narrow, kept, half):
-            row["refine"]["ignore_band_width"] = 0.5
         assert half == default
         assert kept == default
-        assert narrow == default
         # The rows below the foreground's step keep the top half they were measured with.
         for row in ("weakseg_whole_tile_classifier", "fully_supervised"):
             assert bench_quality.method_params(dataset, row, 2)["refine"]["threshold_quantile"] == 0.5

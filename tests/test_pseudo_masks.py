@@ -44,10 +44,7 @@ def test_settings_follow_the_params_and_drop_a_disabled_crf() -> None:
         (0.5, "auto", 0.2, 0.8, (0.5, 0.5)),  # a numeric cut caps the seeds
         ("auto", "auto", 0.2, 0.3, (0.5, 0.3)),  # the foreground sits a band above the seeds
         ("auto", "auto", 0.2, 0.0, (0.2, 0.0)),  # nothing looks normal: all but the band is foreground
-        ("auto", "auto", 0.2, 0.9, (0.975, 0.9)),  # the band keeps a quarter of what the seeds leave as foreground
-        ("auto", "auto", 0.5, 0.3, (0.8, 0.3)),  # a wide band where it fits
-        ("auto", "auto", 0.5, 0.6, (0.9, 0.6)),  # a wide band capped at 3/4 of the tissue above the seeds
-        ("auto", "auto", 0.5, 1.0, (1.0, 1.0)),  # all tissue looks normal: no foreground
+        ("auto", "auto", 0.2, 0.9, (1.0, 0.9)),  # at most 1: no foreground cut past the tissue
         ("auto", "auto", 0.0, 0.3, (0.3, 0.3)),  # no band: seeds and foreground meet
         ("auto", 0.1, 0.25, None, (0.35, 0.1)),  # a fixed seed share needs no estimate
     ],

@@ -83,19 +83,13 @@ def needs_normal_tissue_estimate(refine: RefineParams) -> bool:
     return refine.background_quantile == "auto"
 
 
-# A wide band on a set where much looks normal would leave no foreground to learn from; the band keeps at
-# least a quarter of the tissue above the seeds as foreground instead.
-MAX_BAND_SHARE_ABOVE_SEEDS = 0.75
-
-
 def resolve_quantiles(refine: RefineParams, normal_tissue_fraction: float | None) -> tuple[float, float | None]:
     """The foreground's and the background's CAM quantiles, each ``auto`` replaced by its value.
 
     ``background_quantile: auto`` is the estimated normal share, capped at a numeric ``threshold_quantile``.
-    ``threshold_quantile: auto`` is the background quantile plus ``ignore_band_width``, the band taking at most
-    :data:`MAX_BAND_SHARE_ABOVE_SEEDS` of the tissue above the seeds: the foreground is the tissue above the
-    seeds and the band, so where nothing looks normal (EBHI: a share near 0) it is what the band leaves of a
-    positive tile's tissue, and where much does (the demo) what the seeds and the band leave, never nothing.
+    ``threshold_quantile: auto`` is the background quantile plus ``ignore_band_width``, at most 1: the
+    foreground is the tissue above the seeds and the band, so where nothing looks normal (EBHI: a share near
+    0) it is most of a positive tile's tissue, and where much does (the demo) it is what the seeds leave.
 
     Args:
         refine: the params block.
@@ -118,8 +112,7 @@ def resolve_quantiles(refine: RefineParams, normal_tissue_fraction: float | None
     if refine.threshold_quantile == "auto":
         if background is None:  # the params schema refuses this pair; a clear error for hand-built params
             raise RefineInputError("refine.threshold_quantile: auto needs refine.background_quantile, got null")
-        band = min(refine.ignore_band_width, MAX_BAND_SHARE_ABOVE_SEEDS * (1.0 - background))
-        return background + band, background
+        return min(background + refine.ignore_band_width, 1.0), background
     threshold = float(refine.threshold_quantile)
     return threshold, None if background is None else min(background, threshold)
 
