@@ -25,10 +25,10 @@ repro: venv
 	@test -d .git || (git init -q && echo "initialized a git repository (DVC needs one)")
 	dvc repro
 
-# Lint, format check and type check of the library and the stages; make test runs it first.
+# Lint and format check of all the Python code, type check of the library and the stages; make test runs it first.
 lint: venv
-	$(PYTHON) -m ruff check weakseg stages
-	$(PYTHON) -m ruff format --check weakseg stages
+	$(PYTHON) -m ruff check weakseg stages tests benchmarks
+	$(PYTHON) -m ruff format --check weakseg stages tests benchmarks
 	$(PYTHON) -m mypy weakseg stages
 
 test: venv lint

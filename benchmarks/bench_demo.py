@@ -51,7 +51,9 @@ def run(params_file: Path | None = None, workspace: Path = WORKSPACE) -> dict[st
     rerun = stages_run(after_change.stdout)
     # Put the demo's params back (DVC restores those outputs from its run cache) so that the kept copy
     # holds the default run.
-    (project / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text() if params_file is None else params_file.read_text())
+    (project / "params.yaml").write_text(
+        (PROJECT_ROOT / "params.yaml").read_text() if params_file is None else params_file.read_text()
+    )
     dvc("repro", cwd=project)
     return {
         "project": str(project),

@@ -79,7 +79,10 @@ def run(
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(tiles, tile_size, tile_size, 3), dtype=np.uint8)
 
-    batches = [to_input_tensor(images[start : start + batch_size], preprocessing, torch_device) for start in range(0, tiles, batch_size)]
+    batches = [
+        to_input_tensor(images[start : start + batch_size], preprocessing, torch_device)
+        for start in range(0, tiles, batch_size)
+    ]
 
     def bare() -> None:
         with torch.inference_mode():
@@ -116,12 +119,27 @@ def run(
                 write_png(folder / "in" / f"tile_{index:04d}.png", image)
             checkpoint = folder / "segmenter.pt"
             save_checkpoint(
-                checkpoint, "segmenter", encoder, model.cpu(), preprocessing=preprocessing_record(tile_size), head_threshold=0.5
+                checkpoint,
+                "segmenter",
+                encoder,
+                model.cpu(),
+                preprocessing=preprocessing_record(tile_size),
+                head_threshold=0.5,
             )
             model.to(torch_device)
             argv = [
-                "--input", str(folder / "in"), "--output", str(folder / "out"), "--segmenter", str(checkpoint),
-                "--stain-reference", "none", "--device", torch_device.type, "--batch-size", str(batch_size),
+                "--input",
+                str(folder / "in"),
+                "--output",
+                str(folder / "out"),
+                "--segmenter",
+                str(checkpoint),
+                "--stain-reference",
+                "none",
+                "--device",
+                torch_device.type,
+                "--batch-size",
+                str(batch_size),
             ]
 
             def whole_command() -> None:
@@ -147,7 +165,15 @@ def main() -> None:
     arguments = parser.parse_args()
     print(
         json.dumps(
-            run(arguments.tile_size, arguments.tiles, arguments.batch_size, arguments.repeats, arguments.device, arguments.encoder, not arguments.no_command),
+            run(
+                arguments.tile_size,
+                arguments.tiles,
+                arguments.batch_size,
+                arguments.repeats,
+                arguments.device,
+                arguments.encoder,
+                not arguments.no_command,
+            ),
             indent=2,
         )
     )

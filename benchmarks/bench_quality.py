@@ -59,8 +59,8 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -119,19 +119,56 @@ VARIANT_ROWS = {
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
-    "weakseg": "the default method (a balanced classifier trained on 64 px crops, which also gates the mask at a cut chosen on validation, by balanced accuracy unless one class has under 10 tiles there; layer3 CAM; ignore band with background seeds of the normal share measured on its crops, below the validation negatives' 90th percentile, and foreground above the seeds and a band of 20 % of the tissue; one-cycle segmenter; no CRF; scarce negatives repeated; the regions its mask encloses filled), tile labels only",
-    "weakseg_without_hole_filling": "ablation: weakseg without filling the regions its mask encloses (evaluate.fill_holes false; the default before)",
-    "weakseg_balanced_accuracy_gate": "ablation: weakseg_without_hole_filling with the gate's cut (and the segmenter head's) always at the highest validation balanced accuracy, however few validation negatives there are (classifier.decision_rule and segmenter.decision_rule balanced_accuracy; the default before)",
-    "weakseg_half_foreground": "ablation: weakseg_balanced_accuracy_gate with the top half of a positive tile's tissue CAM as foreground instead of what lies above the seeds and the band (refine.threshold_quantile 0.5; the default before)",
-    "weakseg_whole_tile_classifier": "ablation: weakseg with its classifier trained on whole tiles, no gate (weakseg's default before the crop classifier)",
+    "weakseg": (
+        "the default method (a balanced classifier trained on 64 px crops, which also gates the mask at a cut "
+        "chosen on validation, by balanced accuracy unless one class has under 10 tiles there; layer3 CAM; ignore"
+        " band with background seeds of the normal share measured on its crops, below the validation negatives' "
+        "90th percentile, and foreground above the seeds and a band of 20 % of the tissue; one-cycle segmenter; "
+        "no CRF; scarce negatives repeated; the regions its mask encloses filled), tile labels only"
+    ),
+    "weakseg_without_hole_filling": (
+        "ablation: weakseg without filling the regions its mask encloses (evaluate.fill_holes false; the default "
+        "before)"
+    ),
+    "weakseg_balanced_accuracy_gate": (
+        "ablation: weakseg_without_hole_filling with the gate's cut (and the segmenter head's) always at the "
+        "highest validation balanced accuracy, however few validation negatives there are "
+        "(classifier.decision_rule and segmenter.decision_rule balanced_accuracy; the default before)"
+    ),
+    "weakseg_half_foreground": (
+        "ablation: weakseg_balanced_accuracy_gate with the top half of a positive tile's tissue CAM as foreground"
+        " instead of what lies above the seeds and the band (refine.threshold_quantile 0.5; the default before)"
+    ),
+    "weakseg_whole_tile_classifier": (
+        "ablation: weakseg with its classifier trained on whole tiles, no gate (weakseg's default before the crop"
+        " classifier)"
+    ),
     "weakseg_with_tile_label_losses": "ablation: weakseg + multiple-instance and size-constraint losses",
-    "weakseg_cam_layer4": "ablation: weakseg without background seeds, CAM on layer4 (the paper's layer; weakseg's default before this ladder)",
-    "weakseg_without_background_seeds": "ablation: weakseg without background seeds in positive tiles (refine.background_quantile 0: the whole band below the CAM cut ignored)",
-    "weakseg_with_background_seeds": "ablation: weakseg with a fixed background share instead of the estimate (the lowest 20 % of a positive tile's CAM; foreground: the top 40 %)",
-    "weakseg_top_40_percent_foreground": "contrast: weakseg_half_foreground with the top 40 % of a positive tile's tissue CAM as foreground instead of the top half (refine.threshold_quantile 0.6)",
+    "weakseg_cam_layer4": (
+        "ablation: weakseg without background seeds, CAM on layer4 (the paper's layer; weakseg's default before "
+        "this ladder)"
+    ),
+    "weakseg_without_background_seeds": (
+        "ablation: weakseg without background seeds in positive tiles (refine.background_quantile 0: the whole "
+        "band below the CAM cut ignored)"
+    ),
+    "weakseg_with_background_seeds": (
+        "ablation: weakseg with a fixed background share instead of the estimate (the lowest 20 % of a positive "
+        "tile's CAM; foreground: the top 40 %)"
+    ),
+    "weakseg_top_40_percent_foreground": (
+        "contrast: weakseg_half_foreground with the top 40 % of a positive tile's tissue CAM as foreground "
+        "instead of the top half (refine.threshold_quantile 0.6)"
+    ),
     "weakseg_without_negative_oversampling": "ablation: weakseg without repeating the scarce negative tiles",
-    "weakseg_constant_learning_rate": "ablation: weakseg_median_normal_reference with a constant segmenter learning rate instead of one cycle (the demo's default before these two steps)",
-    "weakseg_median_normal_reference": "ablation: weakseg_half_foreground with the normal share measured below the validation negatives' median instead of their 90th percentile (the default before)",
+    "weakseg_constant_learning_rate": (
+        "ablation: weakseg_median_normal_reference with a constant segmenter learning rate instead of one cycle "
+        "(the demo's default before these two steps)"
+    ),
+    "weakseg_median_normal_reference": (
+        "ablation: weakseg_half_foreground with the normal share measured below the validation negatives' median "
+        "instead of their 90th percentile (the default before)"
+    ),
     "fully_supervised": "the same segmenter trained on the TRUE train masks (the yardstick)",
     "fully_supervised_with_hole_filling": "fully_supervised with weakseg's hole filling (evaluate.fill_holes true)",
 }
@@ -241,6 +278,7 @@ IMBALANCED_VARIANTS = {
 def variant_data(dataset: str) -> Path:
     """Where the benchmark makes an imbalanced variant of EBHI (in its git-ignored workspace)."""
     return WORKSPACE / dataset / "data"
+
 
 ROW_ORDER = [
     "tissue_if_classified_positive",
@@ -416,13 +454,16 @@ def sync_code(project: Path) -> str:
     the fingerprint (git's tree hashes) names what ran. A finished run counts only for the code it ran
     with; DVC re-runs just the stages whose code changed and restores the rest from its run cache.
     """
+    import io
     import subprocess
     import tarfile
-    import io
 
     trees = subprocess.run(
         ["git", "rev-parse", *(f"HEAD:{name}" for name in CODE)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     archive = subprocess.run(
         ["git", "archive", "--format=tar", "HEAD", *CODE], cwd=PROJECT_ROOT, capture_output=True, check=True
@@ -660,7 +701,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not arguments.report_only:
         for dataset in datasets:
             run_dataset(
-                dataset, arguments.seeds, runs, lambda: (_save_runs(runs_file, runs), report()), methods=arguments.methods
+                dataset,
+                arguments.seeds,
+                runs,
+                lambda: (_save_runs(runs_file, runs), report()),
+                methods=arguments.methods,
             )
     failures = report()
     for failure in failures:

@@ -81,9 +81,7 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _median_seconds(
-    jobs: list[TileJob], settings: RefineSettings, workers: int, repeats: int
-) -> tuple[float, float]:
+def _median_seconds(jobs: list[TileJob], settings: RefineSettings, workers: int, repeats: int) -> tuple[float, float]:
     """Median wall-clock seconds and median CPU seconds of ``repeats`` runs, after a warm-up."""
     refine_all(jobs[: max(2, workers * 2)], settings, workers, progress=False)  # warm-up: imports, caches
     walls, cpus = [], []

@@ -97,7 +97,7 @@ def run(
 
     plain = TileDataset(images[:batch_size], positives[:batch_size], masks[:batch_size], None)
     items = [plain[index] for index in range(len(plain))]
-    in_memory = tuple(torch.stack(parts) for parts in zip(*items))
+    in_memory = tuple(torch.stack(parts) for parts in zip(*items, strict=True))
 
     def pipeline_epoch() -> None:
         loader = batch_loader(dataset, batches, num_workers)

@@ -34,12 +34,30 @@ BENCHMARKS = [
 
 # (benchmark, key in its result, comparison, target, what the issue asked)
 TARGETS = [
-    ("bench_synthetic", "projected_cpu_seconds_for_500_tiles", "<=", 30.0, "500 synthetic tiles generate in under 30 s on one core"),
-    ("bench_normalize", "seconds_for_3152_tiles", "<=", 60.0, "normalizing 3,152 tiles of 224x224 takes under 60 s on 2 cores"),
+    (
+        "bench_synthetic",
+        "projected_cpu_seconds_for_500_tiles",
+        "<=",
+        30.0,
+        "500 synthetic tiles generate in under 30 s on one core",
+    ),
+    (
+        "bench_normalize",
+        "seconds_for_3152_tiles",
+        "<=",
+        60.0,
+        "normalizing 3,152 tiles of 224x224 takes under 60 s on 2 cores",
+    ),
     ("bench_normalize", "pool_speedup", ">=", 1.5, "normalize process-pool speed-up on 2 cores"),
     ("bench_normalize", "speed_ratio_vs_torchstain", ">=", 1.0, "own Macenko faster than torchstain's"),
     ("bench_train_classifier", "ratio", ">=", 0.9, "classifier training throughput / bare forward+backward"),
-    ("bench_refine", "projected_mhist_seconds_parallel", "<=", 300.0, "refining 3,152 tiles takes under 5 minutes on 2 cores"),
+    (
+        "bench_refine",
+        "projected_mhist_seconds_parallel",
+        "<=",
+        300.0,
+        "refining 3,152 tiles takes under 5 minutes on 2 cores",
+    ),
     ("bench_refine", "speedup", ">=", 1.7, "refine_masks process-pool speed-up over one worker"),
     ("bench_train_segmenter", "ratio", ">=", 0.9, "segmenter training throughput / bare forward+backward"),
     ("bench_predict", "ratio_to_bare_forward", ">=", 0.8, "predict throughput / bare model forward"),
@@ -79,7 +97,14 @@ def check_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             met = None
         rows.append(
-            {"benchmark": name, "key": key, "target": f"{comparison} {target}", "measured": measured, "met": met, "what": description}
+            {
+                "benchmark": name,
+                "key": key,
+                "target": f"{comparison} {target}",
+                "measured": measured,
+                "met": met,
+                "what": description,
+            }
         )
     return rows
 

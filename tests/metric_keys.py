@@ -53,8 +53,4 @@ def evaluate_metric_names(pipeline_md: Path = PIPELINE_MD) -> list[str]:
 def missing_metrics(document: Mapping[str, object], names: Iterable[str]) -> list[str]:
     """The ``names`` that are not a number (int or float, not bool) at their dotted path in ``document``."""
     flat = flatten(document)
-    return [
-        name
-        for name in names
-        if not isinstance(flat.get(name), int | float) or isinstance(flat.get(name), bool)
-    ]
+    return [name for name in names if not isinstance(flat.get(name), int | float) or isinstance(flat.get(name), bool)]

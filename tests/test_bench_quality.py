@@ -48,22 +48,34 @@ def test_rows_hold_one_value_per_finished_seed_in_seed_order() -> None:
 
 
 def test_regression_check_names_the_row_that_falls_below_its_floor() -> None:
-    runs = {**_runs("demo", [0.5, 0.5, 0.5], trivial=0.4, full=0.8), **_runs("ebhi-hgin-polyp", [0.5, 0.6, 0.55], 0.6, 0.7)}
+    runs = {
+        **_runs("demo", [0.5, 0.5, 0.5], trivial=0.4, full=0.8),
+        **_runs("ebhi-hgin-polyp", [0.5, 0.6, 0.55], 0.6, 0.7),
+    }
     table = bench_quality.quality_table(runs, ["demo", "ebhi-hgin-polyp"], [0, 1, 2])
     failures = bench_quality.regressions(table)
     assert len(failures) == 2
     assert failures[0].startswith("ebhi-hgin-polyp: weakseg IoU 0.550 is below tissue_if_classified_positive 0.600")
     assert "fully_supervised IoU 0.700 is below 0.75" in failures[1]
-    healthy = bench_quality.quality_table(_runs("ebhi-hgin-polyp", [0.8, 0.8, 0.8], 0.6, 0.78), ["ebhi-hgin-polyp"], [0, 1, 2])
+    healthy = bench_quality.quality_table(
+        _runs("ebhi-hgin-polyp", [0.8, 0.8, 0.8], 0.6, 0.78), ["ebhi-hgin-polyp"], [0, 1, 2]
+    )
     assert bench_quality.regressions(healthy) == []
 
 
 def test_rows_without_runs_are_carried_over_from_the_committed_results() -> None:
     previous = {
-        **bench_quality.quality_table(_runs("ebhi-hgin-polyp", [0.6, 0.6, 0.6], 0.6, 0.78), ["ebhi-hgin-polyp"], [0, 1, 2]),
+        **bench_quality.quality_table(
+            _runs("ebhi-hgin-polyp", [0.6, 0.6, 0.6], 0.6, 0.78), ["ebhi-hgin-polyp"], [0, 1, 2]
+        ),
         **bench_quality.quality_table(_runs("demo", [0.3, 0.3, 0.3], 0.2, 0.9), ["demo"], [0, 1, 2]),
     }
-    previous["demo"]["methods"]["paper"] = {"iou": [0.1, 0.1, 0.1], "dice": [0.2] * 3, "miou": [0.5] * 3, "seconds": [1.0] * 3}
+    previous["demo"]["methods"]["paper"] = {
+        "iou": [0.1, 0.1, 0.1],
+        "dice": [0.2] * 3,
+        "miou": [0.5] * 3,
+        "seconds": [1.0] * 3,
+    }
     now = {"demo/weakseg/0": {"seconds": 10.0, "metrics": _evaluate_json(0.55, 0.4)}}
     table = bench_quality.carry_over(bench_quality.quality_table(now, ["demo"], [0, 1, 2]), previous)
     assert list(table) == ["ebhi-hgin-polyp", "demo"]  # a dataset not run now is kept whole, in place
@@ -113,7 +125,11 @@ def test_a_resumed_benchmark_runs_only_what_is_missing(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(bench_quality, "run_one", fake_run)
     runs: dict[str, Any] = {
-        "demo/weakseg/0": {"params": bench_quality.method_params("demo", "weakseg", 0), "code": "code-1", "seconds": 9.0}
+        "demo/weakseg/0": {
+            "params": bench_quality.method_params("demo", "weakseg", 0),
+            "code": "code-1",
+            "seconds": 9.0,
+        }
     }
     bench_quality.run_dataset("demo", [0], runs, lambda: None, workspace=tmp_path, methods=["weakseg", "paper"])
     assert ran == ["pseudo"]  # paper only: weakseg was finished, the other rows were not asked for
@@ -139,9 +155,9 @@ def test_imbalanced_variant_keeps_one_negative_per_ratio_positives_in_the_partit
 ) -> None:
     source = tmp_path / "source"
     (source / "images").mkdir(parents=True)
-    rows = [("p%d.png" % index, "HGIN", "train") for index in range(20)]
-    rows += [("n%d.png" % index, "Polyp", "train") for index in range(30)]
-    rows += [("t%d.png" % index, "Polyp" if index % 2 else "HGIN", "test") for index in range(6)]
+    rows = [(f"p{index}.png", "HGIN", "train") for index in range(20)]
+    rows += [(f"n{index}.png", "Polyp", "train") for index in range(30)]
+    rows += [(f"t{index}.png", "Polyp" if index % 2 else "HGIN", "test") for index in range(6)]
     for name, _, _ in rows:
         (source / "images" / name).write_bytes(name.encode())
     lines = ["Image Name,Majority Vote Label,Partition"] + [",".join(row) for row in rows]

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_cam import RedVersusBlue, red_and_blue_tile
 from weakseg.cam import cam_to_uint8, compute_cams
 from weakseg.cam_batches import CamTally, batch_cams, batch_plan, batch_seed, same_size_batches, tiles_needing_cams
 from weakseg.data.layout import Tile
 from weakseg.io import ImageReadError, read_gray, write_png
 from weakseg.params import CamParams
-
-from tests.test_cam import RedVersusBlue, red_and_blue_tile
 
 
 def test_cams_skip_negative_train_tiles_but_the_figures_one() -> None:

@@ -72,7 +72,7 @@ def test_balanced_loader_serves_the_draw_and_ranks_share_it_like_the_shuffled_or
         loader = classifier_data.build_train_loader(dataset, 4, 3, 2, context=context, balanced=True)
         shares.append([index for batch in loader.batch_sampler for index in batch])
     assert len(shares[0]) == len(shares[1])
-    assert [index for pair in zip(*shares) for index in pair] == order[: len(order) // 4 * 4]
+    assert [index for pair in zip(*shares, strict=True) for index in pair] == order[: len(order) // 4 * 4]
 
 
 # ------------------------------------------------------------------------------------ datasets from files
@@ -97,8 +97,10 @@ def test_datasets_hold_the_split_tiles_labels_and_tile_size(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("sizes", "message"),
-    [([(TILE, TILE), (TILE, TILE), (16, 16)], "training needs one tile size"),
-     ([(TILE, 16), (TILE, 16), (TILE, 16)], "16x32; the classifier expects square tiles")],
+    [
+        ([(TILE, TILE), (TILE, TILE), (16, 16)], "training needs one tile size"),
+        ([(TILE, 16), (TILE, 16), (TILE, 16)], "16x32; the classifier expects square tiles"),
+    ],
 )
 def test_tiles_of_another_size_or_shape_are_a_layout_error_naming_the_folder(
     tmp_path: Path, sizes: list[tuple[int, int]], message: str
@@ -116,8 +118,13 @@ def test_crop_mode_trains_on_crops_of_the_tiles_and_validates_on_whole_tiles(tmp
         write_png(tmp_path / f"t{index}.png", rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8))
         tiles.append(Tile(f"t{index}.png", "SSA" if index % 2 == 0 else "HP", "train", index % 2 == 0))
     train, validation, tile_size = classifier_data.load_classifier_datasets(
-        tmp_path, tiles[:3], tiles[3:], AugmentParams(flips=False, rotate90=False, color_jitter=0.0, hue_jitter=0.0),
-        seed=0, crop_size=16, crops_per_tile=4,
+        tmp_path,
+        tiles[:3],
+        tiles[3:],
+        AugmentParams(flips=False, rotate90=False, color_jitter=0.0, hue_jitter=0.0),
+        seed=0,
+        crop_size=16,
+        crops_per_tile=4,
     )
     assert tile_size == TILE and (len(train), len(validation)) == (12, 2)
     # Item i is tile i % 3, so the labels repeat tile by tile, and a balanced draw sees every crop's label.
@@ -136,14 +143,16 @@ def test_crop_mode_trains_on_crops_of_the_tiles_and_validates_on_whole_tiles(tmp
     first = [train[i][0] for i in (1, 4, 7, 10)]
     train.set_augmentation_seed(7)
     again = [train[i][0] for i in (1, 4, 7, 10)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(first[0], other) for other in first[1:])
 
 
 def test_a_crop_larger_than_the_tiles_is_a_layout_error_naming_the_parameter(tmp_path: Path) -> None:
     tiles = _write_tiles(tmp_path, [(TILE, TILE)] * 3)
     with pytest.raises(LayoutError, match=rf"classifier.crop_size is {TILE + 1} px but the tiles are {TILE}x{TILE}"):
-        classifier_data.load_classifier_datasets(tmp_path, tiles[:2], tiles[2:], AugmentParams(), seed=0, crop_size=TILE + 1)
+        classifier_data.load_classifier_datasets(
+            tmp_path, tiles[:2], tiles[2:], AugmentParams(), seed=0, crop_size=TILE + 1
+        )
 
 
 def test_repeats_below_one_are_refused() -> None:

@@ -78,9 +78,7 @@ def test_soft_size_is_the_mean_probability_inside_the_region() -> None:
 def test_size_constraint_is_zero_inside_the_bounds_and_a_squared_hinge_outside() -> None:
     big = 50.0
     # Three positive tiles of 4 region pixels with sizes 0.25, 0.5 and 1.0; bounds [0.4, 0.75].
-    logits = torch.tensor(
-        [[big, -big, -big, -big], [big, big, -big, -big], [big, big, big, big], [big, big, big, big]]
-    )
+    logits = torch.tensor([[big, -big, -big, -big], [big, big, -big, -big], [big, big, big, big], [big, big, big, big]])
     region = torch.ones_like(logits, dtype=torch.bool)
     labels = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the negative tile (size 1.0) takes no part
     expected = ((0.4 - 0.25) ** 2 + 0.0 + (1.0 - 0.75) ** 2) / 3

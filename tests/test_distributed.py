@@ -77,7 +77,9 @@ def test_single_process_order_is_the_order_of_a_seeded_shuffling_loader() -> Non
 
 
 @pytest.mark.parametrize(("dataset_size", "drop_last"), [(13, True), (3, False)])
-def test_sampler_shares_are_disjoint_equal_and_rebuild_the_one_process_batches(dataset_size: int, drop_last: bool) -> None:
+def test_sampler_shares_are_disjoint_equal_and_rebuild_the_one_process_batches(
+    dataset_size: int, drop_last: bool
+) -> None:
     batch, world_size, seed, epoch = 4, 2, 42, 3
     samplers = []
     for context in _contexts(world_size):
@@ -127,8 +129,14 @@ def test_without_torchrun_the_context_is_one_process(monkeypatch: pytest.MonkeyP
     assert distributed.resolve_backend("auto", torch.device("cuda", 0)) == "nccl"
     command = distributed.relaunch_command("stages.train_segmenter", 4, ["--params", "p.yaml"])
     assert command[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-        "-m", "stages.train_segmenter", "--params", "p.yaml",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=4",
+        "-m",
+        "stages.train_segmenter",
+        "--params",
+        "p.yaml",
     ]
 
 
@@ -162,8 +170,11 @@ def _collectives_worker(rank: int, world_size: int, port: int, folder: str) -> N
         buffer_model.running_mean.fill_(float(rank))  # ranks disagree; averaging makes them agree
         distributed.average_buffers(buffer_model, context)
         result = {
-            "forward": float((output.detach() - torch.nn.functional.batch_norm(
-                whole, None, None, training=True, eps=reference.eps)).abs().max()),
+            "forward": float(
+                (output.detach() - torch.nn.functional.batch_norm(whole, None, None, training=True, eps=reference.eps))
+                .abs()
+                .max()
+            ),
             "input_grad": float((gradient_share - inputs.grad[rank::world_size]).abs().max()),
             "weight_grad": float((average_weight_grad - reference.weight.grad).abs().max()),
             "running_mean": float((synced.running_mean - reference.running_mean).abs().max()),

@@ -163,7 +163,10 @@ def test_a_run_without_any_better_score_keeps_no_epoch() -> None:
 def test_early_stopping_ends_the_run_after_patience_epochs_without_a_new_best() -> None:
     model = _weight()
     result = fit(
-        model, range(1, 7), _scripted(model, [0.2, 0.6, 0.5, 0.6, 0.4, 0.9]), strictly_higher,
+        model,
+        range(1, 7),
+        _scripted(model, [0.2, 0.6, 0.5, 0.6, 0.4, 0.9]),
+        strictly_higher,
         early_stopping=EarlyStopping(patience=2),
     )
     assert result.stopped_early_at == 4
@@ -195,8 +198,16 @@ def test_stopping_rule(position: int, without_improvement: int, expected: bool) 
 
 @pytest.mark.parametrize(
     ("candidate", "best", "expected"),
-    [(0.0, None, True), (-math.inf, None, False), (math.nan, None, False), (0.6, 0.5, True),
-     (0.5, 0.5, False), (0.4, 0.5, False), (math.nan, 0.5, False), (0.1, math.nan, False)],
+    [
+        (0.0, None, True),
+        (-math.inf, None, False),
+        (math.nan, None, False),
+        (0.6, 0.5, True),
+        (0.5, 0.5, False),
+        (0.4, 0.5, False),
+        (math.nan, 0.5, False),
+        (0.1, math.nan, False),
+    ],
 )
 def test_strictly_higher(candidate: float, best: float | None, expected: bool) -> None:
     assert strictly_higher(candidate, best) is expected

@@ -13,14 +13,13 @@ import torch
 import yaml
 
 from stages import evaluate
+from tests.metric_keys import contract_names as pipeline_metric_names
 from weakseg import figures
 from weakseg.data.layout import Tile, write_annotations
 from weakseg.io import write_png
 from weakseg.models import build_classifier, build_segmenter, save_checkpoint
 from weakseg.stage import run_stage
 from weakseg.training.common import preprocessing_record
-
-from tests.metric_keys import contract_names as pipeline_metric_names
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TILE = 32
@@ -181,7 +180,10 @@ def test_evaluate_logs_an_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert runs["metrics.cam.vs_truth.iou"].iloc[0] == pytest.approx(1.0)
     artifacts = mlflow.MlflowClient().list_artifacts(runs["run_id"].iloc[0], "figures")
     assert {Path(item.path).name for item in artifacts} == {
-        "error_maps.png", "overlays.png", "roc_curves.png", "uncertainty.png"
+        "error_maps.png",
+        "overlays.png",
+        "roc_curves.png",
+        "uncertainty.png",
     }
 
 

@@ -37,7 +37,12 @@ def _record(positive: bool, area: int, head: float, classifier: float) -> evalua
 
 def test_tile_decisions_from_area_and_head_have_known_answers() -> None:
     # Positives with 30 and 5 predicted pixels, negatives with 0 and 11: "above 10 px" calls 30 and 11.
-    records = [_record(True, 30, 0.9, 0.8), _record(True, 5, 0.2, 0.7), _record(False, 0, 0.1, 0.6), _record(False, 11, 0.6, 0.1)]
+    records = [
+        _record(True, 30, 0.9, 0.8),
+        _record(True, 5, 0.2, 0.7),
+        _record(False, 0, 0.1, 0.6),
+        _record(False, 11, 0.6, 0.1),
+    ]
     result = evaluation.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=False)
     area = result["segmenter_tile"]["area"]
     assert (area["sensitivity"], area["specificity"], area["accuracy"]) == (0.5, 0.5, 0.5)
@@ -125,8 +130,12 @@ def test_cam_and_pseudo_rows_are_gated_by_the_classifier_not_the_label() -> None
     assert result["tiles"]["classified_positive"] == 2
     # The tissue baselines: the classifier's two positive calls, or the one truly positive tile.
     tissue = TILE * TILE
-    assert result["baseline"]["tissue_if_classified_positive"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / (2 * tissue))
-    assert result["baseline"]["tissue_if_label_positive_oracle_label"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / tissue)
+    assert result["baseline"]["tissue_if_classified_positive"]["vs_truth"]["iou"] == pytest.approx(
+        lesion_pixels / (2 * tissue)
+    )
+    assert result["baseline"]["tissue_if_label_positive_oracle_label"]["vs_truth"]["iou"] == pytest.approx(
+        lesion_pixels / tissue
+    )
     # The segmenter's pseudo-mask reference is gated by the label: the negative tiles' masks are empty.
     assert result["segmenter"]["vs_pseudo"]["iou"] == 1.0
 
@@ -224,14 +233,22 @@ def test_the_head_gate_row_empties_the_masks_of_tiles_the_head_calls_negative_at
     positive.head_probability, negative.head_probability = 0.7, 0.4
     records = [positive, negative]
     lesion_pixels = int(lesion.sum())
-    at_half = evaluation.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.5)
+    at_half = evaluation.compute_metrics(
+        records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.5
+    )
     assert at_half["segmenter_head_gated"]["vs_truth"]["iou"] == 1.0
-    assert at_half["segmenter_ungated"]["vs_truth"]["iou"] == pytest.approx(lesion_pixels / (lesion_pixels + int(false_alarm.sum())))
+    assert at_half["segmenter_ungated"]["vs_truth"]["iou"] == pytest.approx(
+        lesion_pixels / (lesion_pixels + int(false_alarm.sum()))
+    )
     # A head threshold above both tiles' probabilities empties both masks.
-    strict = evaluation.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.8)
+    strict = evaluation.compute_metrics(
+        records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.8
+    )
     assert strict["segmenter_head_gated"]["vs_truth"]["iou"] == 0.0
     # A threshold below both keeps both masks: the row is the ungated one.
-    lenient = evaluation.compute_metrics(records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.3)
+    lenient = evaluation.compute_metrics(
+        records, threshold=0.5, min_foreground_pixels=10, has_truth=True, head_threshold=0.3
+    )
     assert lenient["segmenter_head_gated"]["vs_truth"] == lenient["segmenter_ungated"]["vs_truth"]
 
 

@@ -59,7 +59,10 @@ def test_figures_with_truth_show_the_classifier_gated_cam_and_pseudo_errors(
     shown = [_record("p.png", True, 0.9, truth=True), _record("n.png", False, 0.2, truth=True)]
     evaluation_figures.write_evaluation_figures(tmp_path, shown, True, 0.5, 0.5, _curves())
     assert sorted(path.name for path in tmp_path.glob("*.png")) == [
-        "error_maps.png", "overlays.png", "roc_curves.png", "uncertainty.png"
+        "error_maps.png",
+        "overlays.png",
+        "roc_curves.png",
+        "uncertainty.png",
     ]
     overlays, errors = saved["overlays.png"], saved["error_maps.png"]
     assert overlays["column_titles"][:3] == ["tile", "pseudo-mask", "true mask"]

@@ -114,9 +114,7 @@ def test_differs_from_smp_by_design_on_a_batch_without_positive_tiles() -> None:
     assert FocalTverskyLoss(0.7, 0.3, 1.33, 1.0)(logits, targets).item() > 0.5
 
 
-@pytest.mark.parametrize(
-    "arguments", [{"gamma": 0.0}, {"alpha": 0.0, "beta": 0.0}, {"alpha": -0.1}, {"smooth": -1.0}]
-)
+@pytest.mark.parametrize("arguments", [{"gamma": 0.0}, {"alpha": 0.0, "beta": 0.0}, {"alpha": -0.1}, {"smooth": -1.0}])
 def test_bad_settings_are_refused(arguments: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         FocalTverskyLoss(**arguments)

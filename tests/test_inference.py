@@ -51,7 +51,12 @@ def test_load_model_names_the_file_on_wrong_kind_or_missing_record(tmp_path: Pat
 def test_load_model_refuses_an_unusable_head_threshold(tmp_path: Path, stored: object) -> None:
     path = tmp_path / "odd.pt"
     save_checkpoint(
-        path, "segmenter", "resnet18", build_segmenter("resnet18"), preprocessing=preprocessing_record(32), head_threshold=stored
+        path,
+        "segmenter",
+        "resnet18",
+        build_segmenter("resnet18"),
+        preprocessing=preprocessing_record(32),
+        head_threshold=stored,
     )
     with pytest.raises(InferenceError, match=r"odd\.pt.*head_threshold"):
         inference.load_model(path, "segmenter", CPU)
@@ -60,7 +65,12 @@ def test_load_model_refuses_an_unusable_head_threshold(tmp_path: Path, stored: o
 def test_load_model_exposes_the_stored_head_threshold(tmp_path: Path) -> None:
     path = tmp_path / "segmenter.pt"
     save_checkpoint(
-        path, "segmenter", "resnet18", build_segmenter("resnet18"), preprocessing=preprocessing_record(32), head_threshold=0.83
+        path,
+        "segmenter",
+        "resnet18",
+        build_segmenter("resnet18"),
+        preprocessing=preprocessing_record(32),
+        head_threshold=0.83,
     )
     assert inference.load_model(path, "segmenter", CPU).head_threshold == 0.83
 

@@ -27,7 +27,9 @@ def test_pixel_counts_have_known_values() -> None:
 
 
 def test_pixel_counts_accept_0_255_masks_and_a_region() -> None:
-    counts = metrics.PixelCounts().add(PREDICTION.astype(np.uint8) * 255, TRUTH.astype(np.uint8) * 255, where=np.array([[1, 0, 1], [1, 1, 1]]))
+    counts = metrics.PixelCounts().add(
+        PREDICTION.astype(np.uint8) * 255, TRUTH.astype(np.uint8) * 255, where=np.array([[1, 0, 1], [1, 1, 1]])
+    )
     # (0,1), a true positive, is outside the region.
     assert (counts.true_positive, counts.false_positive, counts.false_negative, counts.true_negative) == (1, 1, 1, 2)
 
@@ -242,7 +244,9 @@ def test_balanced_accuracy_threshold_of_an_unseparable_set() -> None:
     tied = metrics.best_balanced_accuracy_threshold([False, True, False, True], [0.125, 0.25, 0.75, 0.875])
     assert tied == 0.1875
     # A tie between cuts 0.15 and 0.35 (both 0.75): the one closer to 0.5.
-    assert metrics.best_balanced_accuracy_threshold([False, True, False, True], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(0.35)
+    assert metrics.best_balanced_accuracy_threshold([False, True, False, True], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(
+        0.35
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weakseg.data.layout import LayoutError, read_annotations
 from weakseg.data import mhist
+from weakseg.data.layout import LayoutError, read_annotations
 from weakseg.data.mhist import MhistSourceError, import_mhist, parse_md5sums, safe_extract
 from weakseg.params import MhistSourceParams
 
@@ -53,7 +53,7 @@ def make_fake_mhist(
     with (folder / "annotations.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
-        for name, label, partition in zip(NAMES, LABELS if labels is None else labels, PARTITIONS):
+        for name, label, partition in zip(NAMES, LABELS if labels is None else labels, PARTITIONS, strict=True):
             row = {"Image Name": name, "Majority Vote Label": label, "Partition": partition}
             row[COLUMNS[2]] = "6" if label == "SSA" else "1"
             writer.writerow([row.get(column, "") for column in columns])

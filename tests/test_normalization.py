@@ -64,15 +64,25 @@ def test_process_tile_writes_the_tile_and_its_mask_and_reports_degenerate_tiles(
 def outcome(name: str, normalized: bool, density: float, tissue: float = 0.5) -> TileOutcome:
     features = np.full(27, density)
     return TileOutcome(
-        name, normalized, "" if normalized else "one colour", tissue,
-        np.full(3, density), np.full(3, 1.0), features, features,
+        name,
+        normalized,
+        "" if normalized else "one colour",
+        tissue,
+        np.full(3, density),
+        np.full(3, 1.0),
+        features,
+        features,
     )
 
 
 def test_summary_counts_degenerate_tiles_and_the_spread_of_optical_density() -> None:
     tiles = tiles_of("rrre")
-    outcomes = [outcome("t00.png", True, 0.2), outcome("t01.png", False, 0.4, tissue=0.0),
-                outcome("t02.png", True, 0.6), outcome("t03.png", True, 0.8, tissue=1.0)]
+    outcomes = [
+        outcome("t00.png", True, 0.2),
+        outcome("t01.png", False, 0.4, tissue=0.0),
+        outcome("t02.png", True, 0.6),
+        outcome("t03.png", True, 0.8, tissue=1.0),
+    ]
     metrics = summarize(outcomes, tiles, NormalizeParams())
     assert metrics["tiles"] == 4 and metrics["normalized"] == 3
     assert metrics["degenerate"] == {"count": 1, "fraction": 0.25, "tiles": ["t01.png"]}

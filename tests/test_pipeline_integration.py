@@ -20,7 +20,17 @@ import pytest
 import yaml
 
 from tests.metric_keys import evaluate_metric_names, missing_metrics
-from tools.project_copy import PROJECT_ROOT, STAGES, commit_all, copy_project, dvc, environment, make_project, run, stages_run
+from tools.project_copy import (
+    PROJECT_ROOT,
+    STAGES,
+    commit_all,
+    copy_project,
+    dvc,
+    environment,
+    make_project,
+    run,
+    stages_run,
+)
 
 pytestmark = pytest.mark.integration
 TINY = PROJECT_ROOT / "presets" / "tiny.yaml"
@@ -63,13 +73,17 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Baseline]:
         independent = make_project(folder / "independent", TINY)
         runs = [
             subprocess.Popen(
-                [sys.executable, "-m", "dvc", "repro"], cwd=path, env=environment(), text=True,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "dvc", "repro"],
+                cwd=path,
+                env=environment(),
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
             for path in (project, independent)
         ]
         outputs = [process.communicate()[0] for process in runs]
-        for process, output in zip(runs, outputs):
+        for process, output in zip(runs, outputs, strict=True):
             assert process.returncode == 0, output
         second = dvc("repro", cwd=project)
         commit_all(project, "baseline run")
@@ -108,9 +122,7 @@ def test_evaluate_metrics_hold_the_contract_keys(baseline: Baseline) -> None:
         assert missing_metrics(entry, names) == []
 
 
-def test_changing_a_crf_parameter_reruns_exactly_the_downstream_stages(
-    baseline: Baseline, tmp_path: Path
-) -> None:
+def test_changing_a_crf_parameter_reruns_exactly_the_downstream_stages(baseline: Baseline, tmp_path: Path) -> None:
     project = copy_project(baseline.project, tmp_path / "project")
     # A bilateral weight of 0 removes the CRF's colour term: the masks change, so the stages after it run.
     set_param(project, ["refine", "crf", "bilateral", "compat"], 0.0)
@@ -118,9 +130,7 @@ def test_changing_a_crf_parameter_reruns_exactly_the_downstream_stages(
     assert stages_run(result.stdout) == ["refine_masks", "train_segmenter", "evaluate"]
 
 
-def test_experiments_with_two_refine_values_are_listed_with_metrics(
-    baseline: Baseline, tmp_path: Path
-) -> None:
+def test_experiments_with_two_refine_values_are_listed_with_metrics(baseline: Baseline, tmp_path: Path) -> None:
     project = copy_project(baseline.project, tmp_path / "project")
     for value in ("0.0", "20.0"):
         dvc("exp", "run", "-S", f"refine.crf.bilateral.compat={value}", cwd=project)
@@ -133,7 +143,15 @@ def test_experiments_with_two_refine_values_are_listed_with_metrics(
     for experiment in experiments:
         for run_record in experiment.get("revs", []):
             data = run_record.get("data", {})
-            compat = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("refine", {}).get("crf", {}).get("bilateral", {}).get("compat")
+            compat = (
+                data.get("params", {})
+                .get("params.yaml", {})
+                .get("data", {})
+                .get("refine", {})
+                .get("crf", {})
+                .get("bilateral", {})
+                .get("compat")
+            )
             metrics = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
             if compat is not None and metrics.get("segmenter"):
                 found[f"{float(compat):.1f}"] = True
@@ -175,7 +193,11 @@ def test_two_runs_from_scratch_are_identical(baseline: Baseline) -> None:
 def _strip_timings(value: object) -> object:
     """Drops wall-clock fields, which no run can repeat."""
     if isinstance(value, dict):
-        return {key: _strip_timings(inner) for key, inner in value.items() if "second" not in key and "per_second" not in key}
+        return {
+            key: _strip_timings(inner)
+            for key, inner in value.items()
+            if "second" not in key and "per_second" not in key
+        }
     if isinstance(value, list):
         return [_strip_timings(inner) for inner in value]
     return value
@@ -226,9 +248,10 @@ def test_sigkill_during_train_segmenter_then_repro_recovers(baseline: Baseline, 
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    assert not (project / "models" / "segmenter.pt").exists() or json.loads(
-        (project / "metrics" / "segmenter.json").read_text()
-    ) == expected
+    assert (
+        not (project / "models" / "segmenter.pt").exists()
+        or json.loads((project / "metrics" / "segmenter.json").read_text()) == expected
+    )
     result = dvc("repro", cwd=project)
     assert "train_segmenter" in stages_run(result.stdout)
     assert json.loads((project / "metrics" / "segmenter.json").read_text()) == expected

@@ -31,7 +31,9 @@ def _constant_segmenter(path: Path) -> None:
     with torch.no_grad():
         model.network.segmentation_head[0].weight.zero_()
         model.network.segmentation_head[0].bias.fill_(LOGIT)
-    save_checkpoint(path, "segmenter", "resnet18", model, preprocessing=preprocessing_record(TILE), positive_label="SSA")
+    save_checkpoint(
+        path, "segmenter", "resnet18", model, preprocessing=preprocessing_record(TILE), positive_label="SSA"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {"segmenter": folder / "segmenter.pt", "classifier": folder / "classifier.pt"}
     _constant_segmenter(paths["segmenter"])
     torch.manual_seed(1)
-    save_checkpoint(paths["classifier"], "classifier", "resnet18", build_classifier("resnet18"), preprocessing=preprocessing_record(TILE))
+    save_checkpoint(
+        paths["classifier"],
+        "classifier",
+        "resnet18",
+        build_classifier("resnet18"),
+        preprocessing=preprocessing_record(TILE),
+    )
     return paths
 
 
@@ -66,14 +74,32 @@ def test_predict_tiles_and_a_large_image(tmp_path: Path, models: dict[str, Path]
     (inputs / "notes.txt").write_text("not an image, ignored")
 
     status = predict.main(
-        ["--input", str(inputs), "--output", str(output), "--segmenter", str(models["segmenter"]),
-         "--stain-reference", "none", "--device", "cpu", "--batch-size", "5", "--overlap", "16"]
+        [
+            "--input",
+            str(inputs),
+            "--output",
+            str(output),
+            "--segmenter",
+            str(models["segmenter"]),
+            "--stain-reference",
+            "none",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "5",
+            "--overlap",
+            "16",
+        ]
     )
     assert status == 0
     rows = _read_rows(output)
     assert sorted(rows) == ["large.png", "tile_0.png", "tile_1.png", "tile_2.png"]
     expected_windows = (int(np.ceil((500 - TILE) / 48)) + 1) * (int(np.ceil((600 - TILE) / 48)) + 1)
-    assert (rows["large.png"]["width"], rows["large.png"]["height"], rows["large.png"]["windows"]) == ("600", "500", str(expected_windows))
+    assert (rows["large.png"]["width"], rows["large.png"]["height"], rows["large.png"]["windows"]) == (
+        "600",
+        "500",
+        str(expected_windows),
+    )
     assert rows["tile_1.png"]["width"] == "50" and rows["tile_1.png"]["height"] == "40"
     assert {row["tile_probability_source"] for row in rows.values()} == {"head"}
     assert {row["stain_normalized"] for row in rows.values()} == {"0"}  # --stain-reference none
@@ -105,9 +131,21 @@ def test_unreadable_file_is_named_skipped_and_fails_the_run(
     save_stain_reference(tmp_path / "reference.json", reference, settings=DEFAULT_SETTINGS)
 
     status = predict.main(
-        ["--input", str(inputs), "--output", str(output), "--segmenter", str(models["segmenter"]),
-         "--classifier", str(models["classifier"]), "--stain-reference", str(tmp_path / "reference.json"),
-         "--device", "cpu", "--no-tissue-mask"]
+        [
+            "--input",
+            str(inputs),
+            "--output",
+            str(output),
+            "--segmenter",
+            str(models["segmenter"]),
+            "--classifier",
+            str(models["classifier"]),
+            "--stain-reference",
+            str(tmp_path / "reference.json"),
+            "--device",
+            "cpu",
+            "--no-tissue-mask",
+        ]
     )
     assert status == predict.EXIT_SKIPPED
     assert "broken.png" in capsys.readouterr().err
@@ -136,8 +174,19 @@ def test_bad_options_exit_2_naming_the_option(
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_png(inputs / "a.png", np.zeros((TILE, TILE, 3), dtype=np.uint8))
-    argv = ["--input", str(inputs), "--output", str(tmp_path / "out"), "--segmenter", str(models["segmenter"]),
-            "--stain-reference", "none", "--device", "cpu", *extra]
+    argv = [
+        "--input",
+        str(inputs),
+        "--output",
+        str(tmp_path / "out"),
+        "--segmenter",
+        str(models["segmenter"]),
+        "--stain-reference",
+        "none",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     assert predict.main(argv) == predict.EXIT_USER_ERROR
     assert named in capsys.readouterr().err
 
@@ -172,10 +221,14 @@ def normalized_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for index in range(4):
         hematoxylin, eosin, _ = concentration_fields(48, seed=100 + index)
         stains = STAINS_B if index == 0 else STAINS_A
-        write_png(images / f"train_{index}.png", render(hematoxylin, eosin, stains, seed=index, strength=0.8 + 0.1 * index))
+        write_png(
+            images / f"train_{index}.png", render(hematoxylin, eosin, stains, seed=index, strength=0.8 + 0.1 * index)
+        )
         rows.append((f"train_{index}.png", "SSA" if index % 2 else "HP", "train"))
     write_annotations(tmp_path / "data/raw/annotations.csv", rows)
-    write_params(tmp_path, min_tissue_fraction=NON_DEFAULT_MIN_TISSUE_FRACTION, tissue=NON_DEFAULT_TISSUE, figure_tiles=0)
+    write_params(
+        tmp_path, min_tissue_fraction=NON_DEFAULT_MIN_TISSUE_FRACTION, tissue=NON_DEFAULT_TISSUE, figure_tiles=0
+    )
     assert run_stage("normalize", normalize_run, argv=[]) == 0
     return tmp_path
 
@@ -187,7 +240,9 @@ def test_predict_prepares_tiles_exactly_as_the_normalize_stage_did(normalized_pr
     assert {key: recorded.tissue[key] for key in NON_DEFAULT_TISSUE} == NON_DEFAULT_TISSUE
     # What predict used before: the reference, but the default tissue settings and min_tissue_fraction.
     defaults = tile_preparation.default_normalization()
-    with_defaults = tile_preparation.TileNormalization(recorded.reference, defaults.tissue, defaults.min_tissue_fraction, "defaults")
+    with_defaults = tile_preparation.TileNormalization(
+        recorded.reference, defaults.tissue, defaults.min_tissue_fraction, "defaults"
+    )
     passed_through = 0
     for index in range(4):
         name = f"train_{index}.png"
@@ -211,8 +266,18 @@ def test_the_command_uses_the_recorded_tissue_settings(normalized_project: Path,
     output = normalized_project / "out"
     reference = normalized_project / "data/normalized/stain_reference.json"
     status = predict.main(
-        ["--input", str(normalized_project / "data/raw/images"), "--output", str(output), "--segmenter",
-         str(models["segmenter"]), "--stain-reference", str(reference), "--device", "cpu"]
+        [
+            "--input",
+            str(normalized_project / "data/raw/images"),
+            "--output",
+            str(output),
+            "--segmenter",
+            str(models["segmenter"]),
+            "--stain-reference",
+            str(reference),
+            "--device",
+            "cpu",
+        ]
     )
     assert status == 0
     rows = _read_rows(output)
@@ -233,7 +298,9 @@ def _segmenter_with_head(path: Path, head_threshold: float | None) -> None:
     """The constant segmenter, its head fixed at probability 0.7, with ``head_threshold`` stored (or none)."""
     torch.manual_seed(0)
     model = build_segmenter("resnet18")
-    linear = [module for module in model.network.classification_head.modules() if isinstance(module, torch.nn.Linear)][0]
+    linear = [module for module in model.network.classification_head.modules() if isinstance(module, torch.nn.Linear)][
+        0
+    ]
     with torch.no_grad():
         model.network.segmentation_head[0].weight.zero_()
         model.network.segmentation_head[0].bias.fill_(LOGIT)
@@ -252,8 +319,18 @@ def test_head_tile_decision_uses_the_checkpoint_threshold(
     decisions = {}
     for name, stored in (("calibrated", 0.9), ("old", None)):
         _segmenter_with_head(tmp_path / f"{name}.pt", stored)
-        argv = ["--input", str(inputs), "--output", str(tmp_path / name), "--segmenter", str(tmp_path / f"{name}.pt"),
-                "--stain-reference", "none", "--device", "cpu"]
+        argv = [
+            "--input",
+            str(inputs),
+            "--output",
+            str(tmp_path / name),
+            "--segmenter",
+            str(tmp_path / f"{name}.pt"),
+            "--stain-reference",
+            "none",
+            "--device",
+            "cpu",
+        ]
         with caplog.at_level("WARNING", logger="weakseg.inference"):
             assert predict.main(argv) == 0
         decisions[name] = _read_rows(tmp_path / name)["a.png"]
@@ -305,8 +382,21 @@ def test_classifier_tile_decision_uses_its_checkpoint_threshold(
     inputs.mkdir()
     write_png(inputs / "a.png", _tissue_image(TILE, TILE, rng))
     _constant_classifier(tmp_path / "classifier.pt", 0.7, 0.8)
-    argv = ["--input", str(inputs), "--output", str(tmp_path / "out"), "--segmenter", str(models["segmenter"]),
-            "--classifier", str(tmp_path / "classifier.pt"), "--stain-reference", "none", "--device", "cpu", "--gate"]
+    argv = [
+        "--input",
+        str(inputs),
+        "--output",
+        str(tmp_path / "out"),
+        "--segmenter",
+        str(models["segmenter"]),
+        "--classifier",
+        str(tmp_path / "classifier.pt"),
+        "--stain-reference",
+        "none",
+        "--device",
+        "cpu",
+        "--gate",
+    ]
     assert predict.main(argv) == 0
     row = _read_rows(tmp_path / "out")["a.png"]
     assert row["tile_probability_source"] == "classifier"

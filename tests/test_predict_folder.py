@@ -27,7 +27,9 @@ def test_gate_empties_the_mask_of_a_tile_decided_negative() -> None:
     gated = predict_folder.summarize(doubtful, None, 0.5, head_threshold=0.9, gate=True)
     assert not gated.mask.any() and not gated.tile_positive
     sure = ImagePrediction(probability, {"head": 0.95, "classifier": 0.6}, 1)
-    assert predict_folder.summarize(sure, None, 0.5, head_threshold=0.99, gate=True).mask.all()  # the classifier decides
+    assert predict_folder.summarize(
+        sure, None, 0.5, head_threshold=0.99, gate=True
+    ).mask.all()  # the classifier decides
 
 
 def test_summarize_decides_the_classifier_tile_at_its_own_threshold() -> None:

@@ -43,8 +43,15 @@ def test_paper_preset_is_the_papers_configuration() -> None:
     assert params.classifier.unfreeze.enabled and params.classifier.unfreeze.frozen_epochs == 5
     assert (params.classifier.focal_tversky.alpha, params.classifier.focal_tversky.beta) == (0.7, 0.3)
     assert (params.segmenter.optimizer, params.segmenter.lr, params.segmenter.epochs) == ("sgd", 0.001, 35)
-    assert (params.segmenter.curriculum.positive_only_epochs, params.segmenter.curriculum.final_negative_probability) == (10, 0.3)
-    assert (params.segmenter.loss.dice, params.segmenter.loss.lovasz, params.segmenter.loss.classification) == (1.0, 0.5, 0.2)
+    assert (
+        params.segmenter.curriculum.positive_only_epochs,
+        params.segmenter.curriculum.final_negative_probability,
+    ) == (10, 0.3)
+    assert (params.segmenter.loss.dice, params.segmenter.loss.lovasz, params.segmenter.loss.classification) == (
+        1.0,
+        0.5,
+        0.2,
+    )
     crf = params.refine.crf
     assert (crf.iterations, crf.gaussian.sxy, crf.gaussian.compat) == (5, 3.0, 3.0)
     assert (crf.bilateral.sxy, crf.bilateral.srgb, crf.bilateral.compat) == (80.0, 13.0, 10.0)

@@ -79,8 +79,13 @@ def test_negative_train_tiles_are_not_refined_and_truth_is_optional(tmp_path: Pa
 def scored(name: str, counts: tuple[int, int, int, int], iou: float, fraction: float) -> TileResult:
     steps = ("threshold", "morphology", "crf")
     return TileResult(
-        name, True, fraction, fraction, ignored_fraction=0.25,
-        counts={step: counts for step in steps}, iou={step: iou for step in steps},
+        name,
+        True,
+        fraction,
+        fraction,
+        ignored_fraction=0.25,
+        counts={step: counts for step in steps},
+        iou={step: iou for step in steps},
     )
 
 

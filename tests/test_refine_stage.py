@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from tests.recording import RecordingTracker, record_stage_run
 import yaml
 
+from tests.recording import RecordingTracker, record_stage_run
 from weakseg.data.layout import Tile, read_annotations, write_annotations
 from weakseg.io import read_json, read_mask, write_png
 from weakseg.stage import run_stage
@@ -47,7 +46,7 @@ def write_project(root: Path, refine: dict[str, Any], with_truth: bool = True) -
         Tile("n2.png", "HP", "test", False),
     ]
     truth_columns = {"p1.png": 12, "p2.png": 20}
-    for index, tile in enumerate(tiles):
+    for tile in tiles:
         image, cam = _block_tile(12 if tile.name == "p1.png" else 20)
         write_png(root / "data/normalized/images" / tile.name, image)
         write_png(root / "data/normalized/tissue" / tile.name, np.ones((SIZE, SIZE), dtype=bool))

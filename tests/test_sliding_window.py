@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def test_window_starts_cover_the_length(length: int, window: int, overlap: int, 
     starts = sliding_window.window_starts(length, window, overlap)
     assert starts == expected
     assert starts[-1] + window >= length
-    assert all(later - earlier <= window - overlap for earlier, later in zip(starts, starts[1:]))
+    assert all(later - earlier <= window - overlap for earlier, later in pairwise(starts))
 
 
 @pytest.mark.parametrize("overlap", [-1, 32, 40])
@@ -98,18 +99,28 @@ def test_batches_span_images_and_results_keep_input_order(rng: np.random.Generat
 
     images = [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for _ in range(5)]
     images.insert(2, rng.integers(0, 256, size=(64, 40, 3), dtype=np.uint8))  # four windows
-    results = list(sliding_window.predict_images(((f"k{i}", im) for i, im in enumerate(images)), counting, Preprocessing(32), CPU, 3))
+    results = list(
+        sliding_window.predict_images(
+            ((f"k{i}", im) for i, im in enumerate(images)), counting, Preprocessing(32), CPU, 3
+        )
+    )
     assert [key for key, _ in results] == [f"k{i}" for i in range(6)]
     assert batch_sizes == [3, 3, 3]
-    for (_, prediction), image in zip(results, images):
+    for (_, prediction), image in zip(results, images, strict=True):
         assert prediction.probability is not None and prediction.probability.shape == image.shape[:2]
 
 
 def test_bad_image_and_batch_size_are_refused() -> None:
     with pytest.raises(InferenceError, match="batch size"):
-        sliding_window.predict_batch([np.zeros((8, 8, 3), np.uint8)], _constant_forward, Preprocessing(8), CPU, batch_size=0)
+        sliding_window.predict_batch(
+            [np.zeros((8, 8, 3), np.uint8)], _constant_forward, Preprocessing(8), CPU, batch_size=0
+        )
     with pytest.raises(InferenceError, match="bad.png"):
-        list(sliding_window.predict_images([("bad.png", np.zeros((8, 8), np.uint8))], _constant_forward, Preprocessing(8), CPU))
+        list(
+            sliding_window.predict_images(
+                [("bad.png", np.zeros((8, 8), np.uint8))], _constant_forward, Preprocessing(8), CPU
+            )
+        )
 
 
 def test_real_models_match_their_bare_forward(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -127,7 +138,9 @@ def test_real_models_match_their_bare_forward(tmp_path: Path, rng: np.random.Gen
     for index, prediction in enumerate(predictions):
         assert prediction.probability is not None
         np.testing.assert_allclose(prediction.probability, torch.sigmoid(mask_logits[index, 0]).numpy(), atol=1e-5)
-        assert prediction.tile_probabilities["head"] == pytest.approx(float(torch.sigmoid(label_logits[index, 0])), abs=1e-5)
+        assert prediction.tile_probabilities["head"] == pytest.approx(
+            float(torch.sigmoid(label_logits[index, 0])), abs=1e-5
+        )
         assert prediction.tile_probabilities["classifier"] == pytest.approx(
             float(torch.sigmoid(classifier_logits[index, 0])), abs=1e-5
         )

@@ -65,13 +65,13 @@ def test_layout_counts_and_masks(tmp_path: Path) -> None:
 def test_label_noise_flips_labels_but_not_pixels(tmp_path: Path) -> None:
     clean = generate_dataset(tmp_path / "clean", _small(num_tiles=20))
     noisy = generate_dataset(tmp_path / "noisy", _small(num_tiles=20, label_noise=0.2))
-    flipped = [a.name for a, b in zip(clean, noisy) if a.label != b.label]
+    flipped = [a.name for a, b in zip(clean, noisy, strict=True) if a.label != b.label]
     assert len(flipped) == 4
     assert _file_bytes(tmp_path / "clean") | {"annotations.csv": b""} == _file_bytes(tmp_path / "noisy") | {
         "annotations.csv": b""
     }
     # The mask stays the truth of what was drawn: a flipped drawn-negative keeps an empty mask.
-    for clean_tile, noisy_tile in zip(clean, noisy):
+    for clean_tile, noisy_tile in zip(clean, noisy, strict=True):
         mask = read_mask(tmp_path / "noisy" / "masks" / noisy_tile.name)
         assert mask.any() == clean_tile.positive
 

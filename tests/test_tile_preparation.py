@@ -21,10 +21,15 @@ def test_reference_without_tissue_settings_is_refused_naming_the_file(tmp_path: 
     save_stain_reference(tmp_path / "bare.json", reference)
     with pytest.raises(StainReferenceError, match=r"bare\.json.*tissue"):
         tile_preparation.load_normalization(tmp_path / "bare.json")
-    save_stain_reference(tmp_path / "odd.json", reference, settings={**DEFAULT_SETTINGS, "tissue": {"min_object_size": 4}})
+    save_stain_reference(
+        tmp_path / "odd.json", reference, settings={**DEFAULT_SETTINGS, "tissue": {"min_object_size": 4}}
+    )
     with pytest.raises(StainReferenceError, match=r"odd\.json.*threshold_min"):
         tile_preparation.load_normalization(tmp_path / "odd.json")
-    bad_values = {**DEFAULT_SETTINGS, "tissue": {**DEFAULT_SETTINGS["tissue"], "threshold_min": 0.5, "threshold_max": 0.2}}
+    bad_values = {
+        **DEFAULT_SETTINGS,
+        "tissue": {**DEFAULT_SETTINGS["tissue"], "threshold_min": 0.5, "threshold_max": 0.2},
+    }
     save_stain_reference(tmp_path / "bad.json", reference, settings=bad_values)
     with pytest.raises(StainReferenceError, match=r"bad\.json.*threshold_max"):
         tile_preparation.load_normalization(tmp_path / "bad.json")

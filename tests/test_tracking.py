@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 
-def _client_and_experiment() -> tuple["MlflowClient", str]:
+def _client_and_experiment() -> tuple[MlflowClient, str]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -20,7 +20,7 @@ def _client_and_experiment() -> tuple["MlflowClient", str]:
     return MlflowClient(), mlflow.set_experiment(EXPERIMENT_NAME).experiment_id
 
 
-def _left_running(client: "MlflowClient", experiment_id: str, stage: str, pipeline: str) -> str:
+def _left_running(client: MlflowClient, experiment_id: str, stage: str, pipeline: str) -> str:
     """A run as a SIGKILLed stage leaves it: created, tagged, never ended."""
     run = client.create_run(experiment_id, tags={"weakseg.stage": stage, "weakseg.pipeline": pipeline})
     assert run.info.status == "RUNNING"

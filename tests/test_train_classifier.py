@@ -16,7 +16,7 @@ import yaml
 
 from stages import train_classifier as stage
 from weakseg import models
-from weakseg.data.layout import Tile, read_annotations, partition, split_train_validation, write_annotations
+from weakseg.data.layout import Tile, partition, read_annotations, split_train_validation, write_annotations
 from weakseg.io import write_png
 from weakseg.losses.classification import positive_weight
 from weakseg.metrics import choose_balanced_accuracy_threshold, classification_scores
@@ -133,7 +133,9 @@ def test_frozen_layers_and_their_batch_norm_statistics_do_not_change() -> None:
     def snapshot(row: dict[str, Any]) -> None:
         snapshots.append({key: value.clone() for key, value in model.state_dict().items()})
 
-    loop.train_classifier(model, train_set, validation_set, params, seed=0, device=torch.device("cpu"), on_epoch_end=snapshot)
+    loop.train_classifier(
+        model, train_set, validation_set, params, seed=0, device=torch.device("cpu"), on_epoch_end=snapshot
+    )
 
     def changed(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor], prefix: str) -> bool:
         keys = [key for key in before if key.startswith(prefix) and before[key].is_floating_point()]
@@ -154,11 +156,19 @@ def test_frozen_layers_and_their_batch_norm_statistics_do_not_change() -> None:
 # -------------------------------------------------------------------------------- selection and loop
 @pytest.mark.parametrize(
     ("metric", "candidate", "best", "expected"),
-    [("loss", 0.4, 0.5, True), ("loss", 0.6, 0.5, False), ("auc", 0.6, 0.5, True), ("accuracy", 0.5, 0.5, False),
-     ("balanced_accuracy", 0.1, None, True), ("auc", float("nan"), 0.5, False),
-     # A NaN first epoch is the best only until a number comes: it must not block every later epoch.
-     ("auc", 0.6, float("nan"), True), ("loss", 0.6, float("nan"), True),
-     ("auc", float("nan"), float("nan"), False), ("auc", float("nan"), None, True)],
+    [
+        ("loss", 0.4, 0.5, True),
+        ("loss", 0.6, 0.5, False),
+        ("auc", 0.6, 0.5, True),
+        ("accuracy", 0.5, 0.5, False),
+        ("balanced_accuracy", 0.1, None, True),
+        ("auc", float("nan"), 0.5, False),
+        # A NaN first epoch is the best only until a number comes: it must not block every later epoch.
+        ("auc", 0.6, float("nan"), True),
+        ("loss", 0.6, float("nan"), True),
+        ("auc", float("nan"), float("nan"), False),
+        ("auc", float("nan"), None, True),
+    ],
 )
 def test_selection_direction(metric: str, candidate: float, best: float | None, expected: bool) -> None:
     assert loop.is_better(metric, candidate, best) is expected
@@ -239,12 +249,16 @@ def test_offline_imagenet_download_stops_the_stage_with_a_clear_error(
     assert not (tmp_path / "models" / "classifier.pt").exists()
 
 
-def test_missing_weights_file_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_weights_file_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_in(tmp_path, monkeypatch, {"weights": "nowhere/backbone.pt"}) == 2
     assert "nowhere/backbone.pt" in capsys.readouterr().err
 
 
-def test_missing_annotations_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_annotations_name_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert run_stage("train_classifier", stage.run, argv=[]) == 2
@@ -252,7 +266,9 @@ def test_missing_annotations_name_the_file(tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_gpu_names_the_parameter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cuda_without_gpu_names_the_parameter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_in(tmp_path, monkeypatch, {"device": "cuda"}) == 2
     assert "classifier.device" in capsys.readouterr().err
 
@@ -272,7 +288,9 @@ def _validation_probabilities(folder: Path) -> tuple[dict[str, Any], list[Any], 
     model = models.model_from_checkpoint(payload)
     tiles = read_annotations(folder / "data" / "normalized" / "annotations.csv", "SSA")
     params = Params()
-    _, validation = split_train_validation(partition(tiles, "train"), params.split.validation_fraction, params.split.seed)
+    _, validation = split_train_validation(
+        partition(tiles, "train"), params.split.validation_fraction, params.split.seed
+    )
     images = datasets.load_tiles(folder / "data" / "normalized" / "images", validation)
     with torch.no_grad():
         probabilities = torch.sigmoid(model(images_to_tensor(images)).reshape(-1)).numpy().astype(np.float64)
@@ -308,7 +326,9 @@ def test_metrics_and_history_files(trained: dict[str, Any]) -> None:
     assert [int(row["epoch"]) for row in rows] == list(range(EPOCHS))
     best = rows[metrics["best_epoch"]]
     assert float(best["val_balanced_accuracy"]) == pytest.approx(validation["balanced_accuracy"], abs=1e-5)
-    assert max(float(row["val_balanced_accuracy"]) for row in rows) == pytest.approx(validation["balanced_accuracy"], abs=1e-5)
+    assert max(float(row["val_balanced_accuracy"]) for row in rows) == pytest.approx(
+        validation["balanced_accuracy"], abs=1e-5
+    )
 
 
 def test_mlflow_run_records_params_per_epoch_metrics_and_the_history(trained: dict[str, Any]) -> None:
@@ -427,6 +447,7 @@ def test_crop_training_steps_over_every_crop_and_keeps_whole_tile_checkpoints(
             for batch in batches:
                 shapes.append(tuple(batch[0].shape))
                 yield batch
+
         return original(recorded(), *args, **kwargs)
 
     monkeypatch.setattr(loop, "train_epoch", spy)

@@ -159,9 +159,7 @@ def test_stage_is_deterministic_to_the_checkpoint_byte(tmp_path: Path, monkeypat
     assert outputs[0][1] == outputs[1][1]
 
 
-def test_missing_pseudo_mask_is_a_user_error_naming_the_file(
-    project: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_pseudo_mask_is_a_user_error_naming_the_file(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (project / "data/pseudo_masks/train_003.png").unlink()
     assert run_stage("train_segmenter", stage.run, argv=[]) == 2
     assert "train_003.png" in capsys.readouterr().err

@@ -39,7 +39,12 @@ def test_disabled_schedule_and_immediate_full_epoch_train_everything() -> None:
 
 def test_requires_grad_follows_the_groups_of_each_epoch() -> None:
     model = models.build_classifier("resnet18", "none")
-    for epoch, expected in [(0, {"fc"}), (5, {"fc", "layer4"}), (19, EVERYTHING - {"stem", "layer1"}), (25, EVERYTHING)]:
+    for epoch, expected in [
+        (0, {"fc"}),
+        (5, {"fc", "layer4"}),
+        (19, EVERYTHING - {"stem", "layer1"}),
+        (25, EVERYTHING),
+    ]:
         unfreezing.apply_trainable_groups(model, unfreezing.trainable_groups(epoch, SCHEDULE))
         trainable = {unfreezing.parameter_group(name) for name, p in model.named_parameters() if p.requires_grad}
         frozen = {unfreezing.parameter_group(name) for name, p in model.named_parameters() if not p.requires_grad}
