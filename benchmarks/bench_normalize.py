@@ -133,7 +133,7 @@ def run(tiles: int = 240, repeats: int = 3, workers: int = 0, library_tiles: int
         Tiles per second, speed-ups, the ratio to torchstain and an extrapolation to MHIST's 3,152 tiles.
     """
     from threadpoolctl import threadpool_limits
-    from torchstain.numpy.normalizers.macenko import NumpyMacenkoNormalizer
+    from torchstain.numpy.normalizers.macenko import NumpyMacenkoNormalizer  # type: ignore[import-untyped]
 
     from weakseg.io import write_png
     from weakseg.normalization import NormalizeJob, process_tiles

@@ -562,7 +562,9 @@ def quality_table(runs: dict[str, Any], datasets: Sequence[str], seeds: Sequence
             sources += [(row, source, path) for row, (source, path, _) in VARIANT_ROWS.items()]
             for row, source, path in sources:
                 run = runs.get(f"{dataset}/{source}/{seed}")
-                scores = _scores(run["metrics"], path) if run is not None else None
+                if run is None:
+                    continue
+                scores = _scores(run["metrics"], path)
                 if scores is None:
                     continue
                 entry = methods.setdefault(row, {key: [] for key in (*KEYS, "seconds")})
@@ -698,15 +700,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         update_readme(markdown)
         return failures
 
+    def save_and_report() -> None:
+        _save_runs(runs_file, runs)
+        report()
+
     if not arguments.report_only:
         for dataset in datasets:
-            run_dataset(
-                dataset,
-                arguments.seeds,
-                runs,
-                lambda: (_save_runs(runs_file, runs), report()),
-                methods=arguments.methods,
-            )
+            run_dataset(dataset, arguments.seeds, runs, save_and_report, methods=arguments.methods)
     failures = report()
     for failure in failures:
         print(f"quality check failed: {failure}", file=sys.stderr)

@@ -20,7 +20,7 @@ import torch
 
 from weakseg.distributed import select_device
 from weakseg.models import build_classifier
-from weakseg.params import AugmentParams, ClassifierParams
+from weakseg.params import AugmentParams, ClassifierParams, ResNetName
 from weakseg.training import classifier as loop
 from weakseg.training import classifier_data
 from weakseg.training.augment import build_augmentation
@@ -37,7 +37,7 @@ def run(
     tiles: int = 128,
     tile_size: int = 128,
     batch_size: int = 32,
-    arch: str = "resnet18",
+    arch: ResNetName = "resnet18",
     repeats: int = 3,
     device: str = "auto",
     num_workers: int = 0,

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from weakseg.losses.segmentation import SegmentationLoss
+from weakseg.losses.segmentation import SegmentationLoss, SegmentationLossWeights
 from weakseg.models import build_segmenter
-from weakseg.params import AugmentParams, SegmenterParams
+from weakseg.params import AugmentParams, ResNetName, SegmenterParams
 from weakseg.training.augment import build_augmentation
 from weakseg.training.common import seed_everything
 from weakseg.training.datasets import TileDataset
@@ -62,7 +62,7 @@ def run(
     tiles: int = 64,
     tile_size: int = 128,
     batch_size: int = 16,
-    encoder: str = "resnet18",
+    encoder: ResNetName = "resnet18",
     repeats: int = 3,
     num_workers: int = 0,
     seed: int = 0,
@@ -88,7 +88,7 @@ def run(
     images, masks, positives = _synthetic_arrays(tiles, tile_size, seed)
     model = build_segmenter(encoder, "none").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum)
-    loss_function = SegmentationLoss(params.loss)
+    loss_function = SegmentationLoss(SegmentationLossWeights(**params.loss.model_dump()))
     augmentation = build_augmentation(AugmentParams(), seed)
     dataset = TileDataset(images, positives, masks, augmentation)
     batches = training_batches(np.arange(tiles), batch_size)
