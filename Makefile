@@ -25,11 +25,11 @@ repro: venv
 	@test -d .git || (git init -q && echo "initialized a git repository (DVC needs one)")
 	dvc repro
 
-# Lint and format check of all the Python code, type check of all but the tests; make test runs it first.
+# Lint, format check and type check of all the Python code; make test runs it first.
 lint: venv
 	$(PYTHON) -m ruff check weakseg stages tests benchmarks
 	$(PYTHON) -m ruff format --check weakseg stages tests benchmarks
-	$(PYTHON) -m mypy weakseg stages benchmarks
+	$(PYTHON) -m mypy weakseg stages tests benchmarks
 
 test: venv lint
 	$(PYTHON) -m pytest -q

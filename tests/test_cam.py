@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -216,7 +218,7 @@ def test_generate_cams_asks_every_tile_for_the_positive_class(
     asked: list[bool] = []
     real = cam_batches.compute_cams
 
-    def recording(model, images, positives, **options):  # type: ignore[no-untyped-def]
+    def recording(model: nn.Module, images: np.ndarray, positives: Sequence[bool], **options: Any) -> np.ndarray:
         asked.extend(positives)
         return real(model, images, positives, **options)
 

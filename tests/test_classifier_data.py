@@ -70,6 +70,7 @@ def test_balanced_loader_serves_the_draw_and_ranks_share_it_like_the_shuffled_or
     for rank in range(2):
         context = DistributedContext(rank=rank, world_size=2)
         loader = classifier_data.build_train_loader(dataset, 4, 3, 2, context=context, balanced=True)
+        assert loader.batch_sampler is not None
         shares.append([index for batch in loader.batch_sampler for index in batch])
     assert len(shares[0]) == len(shares[1])
     assert [index for pair in zip(*shares, strict=True) for index in pair] == order[: len(order) // 4 * 4]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -79,7 +81,11 @@ def test_a_start_probability_lifts_the_ramp_and_one_to_one_is_no_curriculum() ->
 
 
 def test_oversampling_repeats_negatives_by_the_set_ratio_only_when_they_are_fewer() -> None:
-    every_tile = {"positive_only_epochs": 0, "start_negative_probability": 1.0, "final_negative_probability": 1.0}
+    every_tile: dict[str, Any] = {
+        "positive_only_epochs": 0,
+        "start_negative_probability": 1.0,
+        "final_negative_probability": 1.0,
+    }
     labels = np.array([True] * 10 + [False] * 2)
     plain = epoch_indices(labels, 3, 5, CurriculumParams(**every_tile), seed=7)
     balanced = epoch_indices(labels, 3, 5, CurriculumParams(**every_tile, oversample_negatives=True), seed=7)
@@ -90,7 +96,7 @@ def test_oversampling_repeats_negatives_by_the_set_ratio_only_when_they_are_fewe
     assert np.array_equal(balanced, again)
 
     negative_heavy = np.array([True] * 3 + [False] * 9)
-    ramp = {"positive_only_epochs": 1, "final_negative_probability": 0.5}
+    ramp: dict[str, Any] = {"positive_only_epochs": 1, "final_negative_probability": 0.5}
     for epoch in (1, 2, 5):  # few negatives drawn early in the ramp, but the set is rich in them: no copies
         assert np.array_equal(
             epoch_indices(negative_heavy, epoch, 5, CurriculumParams(**ramp), seed=1),

@@ -24,14 +24,14 @@ import csv
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_distributed
 import torch.multiprocessing as torch_multiprocessing
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from weakseg import distributed
 from weakseg.distributed import DistributedContext, launch
@@ -71,7 +71,7 @@ def test_batch_size_must_split_evenly_and_the_message_names_the_parameter() -> N
 def test_single_process_order_is_the_order_of_a_seeded_shuffling_loader() -> None:
     generator = torch.Generator()
     generator.manual_seed(45)
-    loader = DataLoader(list(range(23)), batch_size=1, shuffle=True, generator=generator)
+    loader = DataLoader(cast("Dataset[int]", list(range(23))), batch_size=1, shuffle=True, generator=generator)
     assert [int(item) for item in loader] == distributed.single_process_order(23, 45)
     assert distributed.single_process_order(23, 45) != distributed.single_process_order(23, 46)
 
@@ -156,19 +156,27 @@ def _collectives_worker(rank: int, world_size: int, port: int, folder: str) -> N
         inputs = whole.clone().requires_grad_(True)
         (reference(inputs) * upstream).sum().backward()
 
-        synced = distributed.convert_to_gloo_sync_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))[0]
+        converted = distributed.convert_to_gloo_sync_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+        assert isinstance(converted, torch.nn.Sequential)
+        synced = converted[0]
+        assert isinstance(synced, distributed.GlooSyncBatchNorm)
         share = whole[rank::world_size].clone().requires_grad_(True)
         # Every rank computes the loss of the global batch (what gather_batch enables), as DDP then averages.
         output = distributed.gather_batch(synced(share), context)
         (output * upstream).sum().backward()
+        assert share.grad is not None and synced.weight.grad is not None
         gradient_share = share.grad / world_size  # DDP's average over the ranks
         average_weight_grad = distributed.all_reduce_sum(synced.weight.grad, context) / world_size
 
         gathered = distributed.gather_objects({"rank": rank}, context)
         summed = distributed.all_reduce_sum(torch.tensor([rank + 1, 10 * (rank + 1)]), context)
         buffer_model = torch.nn.BatchNorm1d(2)
+        assert buffer_model.running_mean is not None and buffer_model.num_batches_tracked is not None
         buffer_model.running_mean.fill_(float(rank))  # ranks disagree; averaging makes them agree
         distributed.average_buffers(buffer_model, context)
+        assert inputs.grad is not None and reference.weight.grad is not None
+        assert synced.running_mean is not None and reference.running_mean is not None
+        assert synced.running_var is not None and reference.running_var is not None
         result = {
             "forward": float(
                 (output.detach() - torch.nn.functional.batch_norm(whole, None, None, training=True, eps=reference.eps))

@@ -96,7 +96,7 @@ def test_under_torchrun_every_stage_joins_and_only_rank_0_keeps_info_logs(
             root.setLevel(logging.INFO)
             _as_rank(monkeypatch, rank, calls)
             seen: list[DistributedContext | None] = []
-            run_distributed_stage("cam", "auto", seen.append, relaunch=relaunch)  # type: ignore[call-overload]
+            run_distributed_stage("cam", "auto", seen.append, relaunch=relaunch)
             assert seen == [DistributedContext(rank=rank, world_size=2)]
             assert root.level == level
     finally:
@@ -125,12 +125,14 @@ def test_a_training_stage_frame_relaunches_its_own_module_with_its_section_setti
     calls: dict[str, list[Any]],
 ) -> None:
     from weakseg.distributed.launch import run_training_stage
-    from weakseg.params import ClassifierParams
+    from weakseg.params import ClassifierParams, DistributedParams
 
-    settings = ClassifierParams(distributed={"processes_per_node": 2, "backend": "gloo"}, batch_size=8, device="cpu")
+    settings = ClassifierParams(
+        distributed=DistributedParams(processes_per_node=2, backend="gloo"), batch_size=8, device="cpu"
+    )
     seen: list[DistributedContext] = []
     run_training_stage("train_classifier", "classifier", settings, seen.append, ["--params", "p.yaml"])
     assert calls["relaunch"] == [("stages.train_classifier", 2, ["--params", "p.yaml"])]
-    one = ClassifierParams(distributed={"processes_per_node": 1, "backend": "gloo"}, device="cpu")
+    one = ClassifierParams(distributed=DistributedParams(processes_per_node=1, backend="gloo"), device="cpu")
     run_training_stage("train_classifier", "classifier", one, seen.append)
     assert calls["init"] == [("gloo", "cpu")] and seen == [DistributedContext(device=torch.device("cpu"))]

@@ -66,7 +66,7 @@ def _contract_stages() -> list[str]:
 
 
 def _outputs(stage: dict) -> list[str]:
-    entries = []
+    entries: list[str] = []
     for kind in ("outs", "metrics", "plots"):
         for entry in stage.get(kind) or []:
             entries.extend(entry.keys() if isinstance(entry, dict) else [entry])

@@ -112,7 +112,7 @@ def test_the_progress_bar_shows_the_running_mean_loss() -> None:
     model = _weight(0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     bar = Bar([(torch.ones(1, 1), torch.ones(1, 1)), (torch.ones(1, 1), torch.full((1, 1), 3.0))])
-    train_epoch(bar, _squared_error(model), optimizer, None, DIVERGENCE, progress=bar)  # type: ignore[arg-type]
+    train_epoch(bar, _squared_error(model), optimizer, None, DIVERGENCE, progress=bar)
     assert bar.postfixes == [{"loss": "1.0000"}, {"loss": "5.0000"}]
 
 
@@ -122,8 +122,10 @@ def _scripted(model: torch.nn.Module, scores: list[float]) -> Any:
     script = iter(scores)
 
     def run_epoch(epoch: int) -> EpochOutcome:
+        weight = model.weight
+        assert isinstance(weight, torch.Tensor)
         with torch.no_grad():
-            model.weight.fill_(float(epoch))
+            weight.fill_(float(epoch))
         score = next(script)
         return EpochOutcome({"epoch": epoch, "score": score}, score, {"score": score, "epoch_seen": float(epoch)})
 

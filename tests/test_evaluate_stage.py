@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def fake_tracking(monkeypatch: pytest.MonkeyPatch) -> _FakeRun:
     run = _FakeRun()
 
     @contextlib.contextmanager
-    def fake_stage_run(stage: str, params: object = None):  # type: ignore[no-untyped-def]
+    def fake_stage_run(stage: str, params: object = None) -> Iterator[_FakeRun]:
         assert stage == "evaluate"
         yield run
 

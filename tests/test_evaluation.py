@@ -96,7 +96,9 @@ def test_head_decisions_use_the_checkpoint_threshold() -> None:
     assert classifier["specificity"] == 0.5
 
 
-def _gated_record(name: str, positive: bool, truth: np.ndarray, cam_mask: np.ndarray, classifier_probability: float):  # type: ignore[no-untyped-def]
+def _gated_record(
+    name: str, positive: bool, truth: np.ndarray, cam_mask: np.ndarray, classifier_probability: float
+) -> evaluation.TestTile:
     return evaluation.TestTile(
         tile=Tile(name, "SSA" if positive else "HP", "test", positive),
         prediction=truth.copy(),

@@ -65,6 +65,7 @@ def test_module_applies_sigmoid_to_logits_and_has_finite_gradients_when_saturate
     saturated = torch.tensor([40.0, -40.0, 40.0], requires_grad=True)  # sigmoid is exactly 0/1 in float32
     loss = loss_function(saturated, torch.tensor([1.0, 0.0, 1.0]))
     loss.backward()
+    assert saturated.grad is not None
     assert torch.isfinite(saturated.grad).all()
 
 
@@ -72,6 +73,7 @@ def test_gradient_pushes_probabilities_towards_targets() -> None:
     logits = torch.zeros(4, requires_grad=True)
     FocalTverskyLoss()(logits, TARGETS).backward()
     gradient = logits.grad
+    assert gradient is not None
     assert (gradient[TARGETS == 1] < 0).all() and (gradient[TARGETS == 0] > 0).all()
 
 
@@ -102,6 +104,7 @@ def test_matches_smp_tversky_loss_with_the_parameters_mapped(settings: tuple[flo
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
     ours.backward()
     theirs.backward()
+    assert ours_logits.grad is not None
     torch.testing.assert_close(ours_logits.grad.double(), theirs_logits.grad, atol=1e-6, rtol=1e-4)
 
 

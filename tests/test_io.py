@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_write_csv_formats_floats_and_writes_atomically(tmp_path: Path) -> None:
     from weakseg.io import write_csv
 
     path = tmp_path / "sub" / "rows.csv"
-    rows = [{"a": 1, "b": 0.1234567891, "c": "x,y"}, {"a": 2, "b": np.float64(1e-7), "c": None}]
+    rows: list[dict[str, Any]] = [{"a": 1, "b": 0.1234567891, "c": "x,y"}, {"a": 2, "b": np.float64(1e-7), "c": None}]
     write_csv(path, rows, ["a", "b", "c"])
     assert path.read_bytes() == b'a,b,c\n1,0.123457,"x,y"\n2,1e-07,\n'
     assert not list(path.parent.glob(".*.tmp"))

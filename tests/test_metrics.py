@@ -99,7 +99,9 @@ def _random_masks(seed: int, tiles: int = 12, size: int = 16) -> tuple[np.ndarra
     truths[rng.random(tiles) < 0.4] = False  # negative tiles: empty truth, false positives may remain
     predictions[rng.random(tiles) < 0.2] = False
     truths[0] = predictions[0] = False  # one tile empty in both
-    return predictions, truths, truths.reshape(tiles, -1).any(axis=1)
+    labels = truths.reshape(tiles, -1).any(axis=1)
+    assert isinstance(labels, np.ndarray)
+    return predictions, truths, labels
 
 
 def _smp_stats(predictions: np.ndarray, truths: np.ndarray) -> tuple[torch.Tensor, ...]:

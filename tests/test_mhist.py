@@ -6,6 +6,7 @@ import csv
 import hashlib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def make_fake_mhist(
     return folder
 
 
-def _params(**values: object) -> MhistSourceParams:
+def _params(**values: Any) -> MhistSourceParams:
     return MhistSourceParams(check_counts=False, **values)
 
 

@@ -37,7 +37,9 @@ def test_evidence_map_averages_to_the_classifier_logit() -> None:
 
 def test_evidence_maps_refuse_a_classifier_without_a_one_logit_head() -> None:
     classifier = build_classifier("resnet18")
-    classifier.fc = torch.nn.Linear(classifier.fc.in_features, 2)
+    head = classifier.fc
+    assert isinstance(head, torch.nn.Linear)
+    classifier.fc = torch.nn.Linear(head.in_features, 2)
     with pytest.raises(UserInputError, match="one-logit nn.Linear, got Linear"):
         class_evidence_maps(classifier, torch.randn(1, 3, 32, 32))
     with pytest.raises(UserInputError, match="got None"):

@@ -82,6 +82,7 @@ def test_stage_writes_its_outputs_and_fits_on_train_tiles_only(project: Path) ->
     assert reference["skipped"] == ["white.png"] and len(reference["fitted_on"]) == 6
     # Test tiles, stained with something nothing like H&E, would have pulled the reference away from A.
     loaded = load_stain_reference(normalized / "stain_reference.json")
+    assert loaded is not None
     assert np.all(np.sum(loaded.stain_matrix * unit(STAINS_A), axis=0) > 0.98)
     # predict can redo the masks from what the reference file records.
     settings = load_normalize_settings(normalized / "stain_reference.json")

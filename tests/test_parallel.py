@@ -30,6 +30,7 @@ def refuse_three(value: int) -> int:
 def test_zero_workers_means_every_available_core() -> None:
     assert resolve_workers(3) == 3
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert cores is not None
     assert resolve_workers(0) == cores >= 1
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -137,7 +138,7 @@ def test_experiments_with_two_refine_values_are_listed_with_metrics(baseline: Ba
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     text = json.dumps(shown)
     found = {value: False for value in ("0.0", "20.0")}
-    experiments = []
+    experiments: list[dict[str, Any]] = []
     for entry in shown:
         experiments.extend(entry.get("experiments") or [])
     for experiment in experiments:
@@ -213,7 +214,7 @@ def test_mlflow_holds_one_run_per_stage_with_the_grouping_tag(baseline: Baseline
     experiment = client.get_experiment_by_name("weakseg")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], max_results=100)
-    by_stage = {}
+    by_stage: dict[str | None, list[mlflow.entities.Run]] = {}
     for run_record in runs:
         by_stage.setdefault(run_record.data.tags.get("weakseg.stage"), []).append(run_record)
     tracked = STAGES
@@ -259,7 +260,7 @@ def test_sigkill_during_train_segmenter_then_repro_recovers(baseline: Baseline, 
 
 
 def _stage_process_running(module: str, project: Path) -> bool:
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     for process in psutil.process_iter(["cmdline", "cwd"]):
         if module in (process.info.get("cmdline") or []) and process.info.get("cwd") == str(project):

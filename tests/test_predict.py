@@ -255,7 +255,7 @@ def test_predict_prepares_tiles_exactly_as_the_normalize_stage_did(normalized_pr
         passed_through += int(not prepared.stain_normalized)
         # The settings matter: the default ones would give another mask on every tile.
         old = tile_preparation.prepare_image(raw, name, with_defaults)
-        assert not np.array_equal(old.tissue, stage_mask), name
+        assert old.tissue is not None and not np.array_equal(old.tissue, stage_mask), name
         if index == 0:  # ... and would have normalized the tile the recorded 0.4 passes through
             assert old.stain_normalized and not prepared.stain_normalized
             assert not np.array_equal(old.normalized, stage_tile)
@@ -368,9 +368,11 @@ def _constant_classifier(path: Path, probability: float, decision_threshold: flo
     """A classifier of constant ``probability``, with ``decision_threshold`` stored (or none)."""
     torch.manual_seed(0)
     model = build_classifier("resnet18")
+    head = model.fc
+    assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
-        model.fc.weight.zero_()
-        model.fc.bias.fill_(float(np.log(probability / (1 - probability))))
+        head.weight.zero_()
+        head.bias.fill_(float(np.log(probability / (1 - probability))))
     extra = {} if decision_threshold is None else {"decision_threshold": decision_threshold}
     save_checkpoint(path, "classifier", "resnet18", model, preprocessing=preprocessing_record(TILE), **extra)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -28,11 +29,13 @@ TILES = [
 
 
 def test_settings_follow_the_params_and_drop_a_disabled_crf() -> None:
-    refine = RefineParams(threshold_quantile=0.6, min_object_size=9, crf={"iterations": 3, "bilateral": {"srgb": 7}})
+    refine = RefineParams.model_validate(
+        {"threshold_quantile": 0.6, "min_object_size": 9, "crf": {"iterations": 3, "bilateral": {"srgb": 7}}}
+    )
     settings = settings_from_params(refine)
     assert settings.threshold_quantile == 0.6 and settings.min_object_size == 9
     assert settings.crf is not None and settings.crf.iterations == 3 and settings.crf.bilateral_srgb == 7
-    assert settings_from_params(RefineParams(crf={"enabled": False})).crf is None
+    assert settings_from_params(RefineParams.model_validate({"crf": {"enabled": False}})).crf is None
 
 
 @pytest.mark.parametrize(
@@ -50,7 +53,11 @@ def test_settings_follow_the_params_and_drop_a_disabled_crf() -> None:
     ],
 )
 def test_quantiles_resolve_each_auto(
-    threshold: float | str, background: float | str | None, width: float, estimate: float | None, expected: tuple
+    threshold: float | Literal["auto"],
+    background: float | Literal["auto"] | None,
+    width: float,
+    estimate: float | None,
+    expected: tuple,
 ) -> None:
     refine = RefineParams(threshold_quantile=threshold, background_quantile=background, ignore_band_width=width)
     resolved = resolve_quantiles(refine, estimate)

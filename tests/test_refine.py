@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -226,7 +228,13 @@ def _pixels(values: list[int]) -> np.ndarray:
     return mask.reshape(4, 5)
 
 
-PLAIN_CHAIN = {"opening_kernel": 0, "closing_kernel": 0, "min_object_size": 0, "crf": None, "threshold_quantile": 0.5}
+PLAIN_CHAIN: dict[str, Any] = {
+    "opening_kernel": 0,
+    "closing_kernel": 0,
+    "min_object_size": 0,
+    "crf": None,
+    "threshold_quantile": 0.5,
+}
 
 
 @pytest.mark.parametrize(

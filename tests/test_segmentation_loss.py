@@ -137,6 +137,7 @@ def test_ignored_pixels_are_left_out_and_nothing_changes_without_them(positive: 
     dice, lovasz = _plain_terms(reference_logits, masks)
     (dice + 0.5 * lovasz).backward()
     assert torch.equal(terms.dice, dice) and torch.equal(terms.lovasz, lovasz)
+    assert plain_logits.grad is not None and reference_logits.grad is not None
     assert torch.equal(plain_logits.grad, reference_logits.grad)
 
     targets, kept = _with_band(masks)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
-from torchstain.numpy.normalizers.macenko import NumpyMacenkoNormalizer
+from torchstain.numpy.normalizers.macenko import NumpyMacenkoNormalizer  # type: ignore[import-untyped]
 
 from weakseg.io import read_rgb
 from weakseg.stain import (
@@ -189,13 +189,15 @@ def test_degenerate_tiles_pass_through(tissue, reference) -> None:
         assert np.array_equal(result, tile), name
 
 
-def test_method_none_returns_the_tile(tissue) -> None:
+def test_method_none_returns_the_tile(tissue: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     tile = render(*tissue[:2], STAINS_B, seed=3)
     result, changed = normalize_tile(tile, None)
     assert not changed and np.array_equal(result, tile) and result is not tile
 
 
-def test_fit_skips_degenerate_tiles_and_refuses_only_degenerate(tissue) -> None:
+def test_fit_skips_degenerate_tiles_and_refuses_only_degenerate(
+    tissue: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
     tiles = degenerate_tiles(tissue)
     good = render(*tissue[:2], STAINS_A, seed=1)
     fitted = fit_stain_reference([tiles["white"], good], names=["white.png", "good.png"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +18,14 @@ from weakseg.stain import fit_stain_reference, normalize_tile
 from weakseg.tissue import colour_features, colour_separability_auc, mean_optical_density
 
 
-def _small(**overrides: object) -> SyntheticSourceParams:
-    values = {"num_tiles": 12, "tile_size": 64, "positive_fraction": 0.5, "test_fraction": 0.25, "seed": 3}
+def _small(**overrides: Any) -> SyntheticSourceParams:
+    values: dict[str, Any] = {
+        "num_tiles": 12,
+        "tile_size": 64,
+        "positive_fraction": 0.5,
+        "test_fraction": 0.25,
+        "seed": 3,
+    }
     values.update(overrides)
     return SyntheticSourceParams(**values)
 
@@ -145,7 +152,7 @@ def test_colour_only_auc_of_the_demo_before_and_after_normalization() -> None:
             render_tile(np.random.default_rng([demo.seed, index]), demo.tile_size, bool(positive[index])).image,
             bool(positive[index]),
         )
-        for index in np.flatnonzero(~test)
+        for index in np.flatnonzero(~test).tolist()
     }
     tiles = [Tile(name, "SSA" if label else "HP", "train", label) for name, (_, label) in train.items()]
     fit_on = choose_fit_tiles(tiles, config.fit_tiles, config.seed, Path("annotations.csv"))

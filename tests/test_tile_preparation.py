@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from weakseg import tile_preparation
 from weakseg.stain import StainReference, StainReferenceError, save_stain_reference
 
-DEFAULT_SETTINGS = {
+DEFAULT_SETTINGS: dict[str, Any] = {
     "tissue": tile_preparation.default_normalization().tissue,
     "min_tissue_fraction": tile_preparation.default_normalization().min_tissue_fraction,
 }

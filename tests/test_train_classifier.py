@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -230,8 +230,12 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
     path = tmp_path / "backbone.pt"
     torch.save(source.state_dict(), path)
     model = models.build_classifier("resnet18", str(path))
-    assert torch.equal(model.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
-    assert model.fc.out_features == 1
+    loaded_conv = model.get_submodule("layer3.0.conv1")
+    assert isinstance(loaded_conv, torch.nn.Conv2d)
+    assert torch.equal(loaded_conv.weight, source.layer3[0].conv1.weight)
+    head = model.fc
+    assert isinstance(head, torch.nn.Linear)
+    assert head.out_features == 1
 
 
 def test_offline_imagenet_download_stops_the_stage_with_a_clear_error(
@@ -389,9 +393,11 @@ def test_weight_mode_trains_with_the_training_splits_ratio() -> None:
 
 
 @pytest.mark.parametrize("rule", ["auto", "balanced_accuracy"])
-def test_the_loop_chooses_the_threshold_by_classifier_decision_rule(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_loop_chooses_the_threshold_by_classifier_decision_rule(
+    rule: Literal["auto", "balanced_accuracy"], monkeypatch: pytest.MonkeyPatch
+) -> None:
     rules: list[str] = []
-    calibrate = loop.calibrate_decision
+    calibrate: Callable[..., Any] = loop.calibrate_decision
 
     def recording(*args: Any, rule: str, **kwargs: Any) -> Any:
         rules.append(rule)

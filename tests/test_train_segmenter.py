@@ -33,7 +33,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TILE = 32
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_iou", "val_dice", "negative_probability", "lr"]
 
-TINY_SEGMENTER = {
+TINY_SEGMENTER: dict[str, Any] = {
     "encoder": "resnet18",
     "weights": "none",
     "epochs": 2,

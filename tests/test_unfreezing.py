@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from weakseg import models
 from weakseg.params import UnfreezeParams
@@ -50,4 +51,6 @@ def test_requires_grad_follows_the_groups_of_each_epoch() -> None:
         frozen = {unfreezing.parameter_group(name) for name, p in model.named_parameters() if not p.requires_grad}
         assert trainable == expected, epoch
         assert frozen == EVERYTHING - expected, epoch
-    assert model.conv1.weight.requires_grad and model.bn1.weight.requires_grad
+    stem_conv, stem_norm = model.conv1, model.bn1
+    assert isinstance(stem_conv, torch.nn.Conv2d) and isinstance(stem_norm, torch.nn.BatchNorm2d)
+    assert stem_conv.weight.requires_grad and stem_norm.weight.requires_grad
