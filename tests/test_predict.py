@@ -60,6 +60,25 @@ def _tissue_image(height: int, width: int, rng: np.random.Generator) -> np.ndarr
     return image
 
 
+def _predict_argv(
+    inputs: Path, output: Path, segmenter: Path, *extra: str, stain_reference: str | Path = "none"
+) -> list[str]:
+    """The command line of ``weakseg-predict`` on the CPU, with ``extra`` options after the common ones."""
+    return [
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--segmenter",
+        str(segmenter),
+        "--stain-reference",
+        str(stain_reference),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
 def _read_rows(output: Path) -> dict[str, dict[str, str]]:
     with (output / "predictions.csv").open(newline="") as handle:
         return {row["image"]: row for row in csv.DictReader(handle)}
@@ -73,24 +92,7 @@ def test_predict_tiles_and_a_large_image(tmp_path: Path, models: dict[str, Path]
     write_png(inputs / "large.png", _tissue_image(500, 600, rng))
     (inputs / "notes.txt").write_text("not an image, ignored")
 
-    status = predict.main(
-        [
-            "--input",
-            str(inputs),
-            "--output",
-            str(output),
-            "--segmenter",
-            str(models["segmenter"]),
-            "--stain-reference",
-            "none",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "5",
-            "--overlap",
-            "16",
-        ]
-    )
+    status = predict.main(_predict_argv(inputs, output, models["segmenter"], "--batch-size", "5", "--overlap", "16"))
     assert status == 0
     rows = _read_rows(output)
     assert sorted(rows) == ["large.png", "tile_0.png", "tile_1.png", "tile_2.png"]
@@ -131,21 +133,15 @@ def test_unreadable_file_is_named_skipped_and_fails_the_run(
     save_stain_reference(tmp_path / "reference.json", reference, settings=DEFAULT_SETTINGS)
 
     status = predict.main(
-        [
-            "--input",
-            str(inputs),
-            "--output",
-            str(output),
-            "--segmenter",
-            str(models["segmenter"]),
+        _predict_argv(
+            inputs,
+            output,
+            models["segmenter"],
             "--classifier",
             str(models["classifier"]),
-            "--stain-reference",
-            str(tmp_path / "reference.json"),
-            "--device",
-            "cpu",
             "--no-tissue-mask",
-        ]
+            stain_reference=tmp_path / "reference.json",
+        )
     )
     assert status == predict.EXIT_SKIPPED
     assert "broken.png" in capsys.readouterr().err
@@ -174,19 +170,7 @@ def test_bad_options_exit_2_naming_the_option(
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_png(inputs / "a.png", np.zeros((TILE, TILE, 3), dtype=np.uint8))
-    argv = [
-        "--input",
-        str(inputs),
-        "--output",
-        str(tmp_path / "out"),
-        "--segmenter",
-        str(models["segmenter"]),
-        "--stain-reference",
-        "none",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    argv = _predict_argv(inputs, tmp_path / "out", models["segmenter"], *extra)
     assert predict.main(argv) == predict.EXIT_USER_ERROR
     assert named in capsys.readouterr().err
 
@@ -266,18 +250,7 @@ def test_the_command_uses_the_recorded_tissue_settings(normalized_project: Path,
     output = normalized_project / "out"
     reference = normalized_project / "data/normalized/stain_reference.json"
     status = predict.main(
-        [
-            "--input",
-            str(normalized_project / "data/raw/images"),
-            "--output",
-            str(output),
-            "--segmenter",
-            str(models["segmenter"]),
-            "--stain-reference",
-            str(reference),
-            "--device",
-            "cpu",
-        ]
+        _predict_argv(normalized_project / "data/raw/images", output, models["segmenter"], stain_reference=reference)
     )
     assert status == 0
     rows = _read_rows(output)
@@ -319,18 +292,7 @@ def test_head_tile_decision_uses_the_checkpoint_threshold(
     decisions = {}
     for name, stored in (("calibrated", 0.9), ("old", None)):
         _segmenter_with_head(tmp_path / f"{name}.pt", stored)
-        argv = [
-            "--input",
-            str(inputs),
-            "--output",
-            str(tmp_path / name),
-            "--segmenter",
-            str(tmp_path / f"{name}.pt"),
-            "--stain-reference",
-            "none",
-            "--device",
-            "cpu",
-        ]
+        argv = _predict_argv(inputs, tmp_path / name, tmp_path / f"{name}.pt")
         with caplog.at_level("WARNING", logger="weakseg.inference"):
             assert predict.main(argv) == 0
         decisions[name] = _read_rows(tmp_path / name)["a.png"]
@@ -384,21 +346,9 @@ def test_classifier_tile_decision_uses_its_checkpoint_threshold(
     inputs.mkdir()
     write_png(inputs / "a.png", _tissue_image(TILE, TILE, rng))
     _constant_classifier(tmp_path / "classifier.pt", 0.7, 0.8)
-    argv = [
-        "--input",
-        str(inputs),
-        "--output",
-        str(tmp_path / "out"),
-        "--segmenter",
-        str(models["segmenter"]),
-        "--classifier",
-        str(tmp_path / "classifier.pt"),
-        "--stain-reference",
-        "none",
-        "--device",
-        "cpu",
-        "--gate",
-    ]
+    argv = _predict_argv(
+        inputs, tmp_path / "out", models["segmenter"], "--classifier", str(tmp_path / "classifier.pt"), "--gate"
+    )
     assert predict.main(argv) == 0
     row = _read_rows(tmp_path / "out")["a.png"]
     assert row["tile_probability_source"] == "classifier"
