@@ -97,7 +97,12 @@ def _generate(params: StageParams, context: DistributedContext | None) -> None:
         tally = CamTally()
         for index, (batch_tiles, images) in enumerate(same_size_batches(tiles, images_folder, cam_params.batch_size)):
             seed = batch_seed(params.seed, index)
-            tally.write(folder, batch_cams(model, batch_tiles, images, cam_params, seed, device, preprocessing))
+            tally.write(
+                folder,
+                batch_cams(
+                    model, batch_tiles, images, cam_params, seed, device, preprocessing, params.classifier.crop_size
+                ),
+            )
             progress.update(len(batch_tiles))
         progress.close()
         tracker.log_metrics(tally.report(len(tiles), cam_params.target_layer))
@@ -130,7 +135,9 @@ def _generate_sharded(
                 batch_tiles = [tiles[index] for index in plan[batch_index]]
                 images = np.stack([read_rgb(images_folder / tile.name) for tile in batch_tiles])
                 seed = batch_seed(params.seed, batch_index)
-                computed = batch_cams(model, batch_tiles, images, cam_params, seed, device, preprocessing)
+                computed = batch_cams(
+                    model, batch_tiles, images, cam_params, seed, device, preprocessing, params.classifier.crop_size
+                )
             shares = gather_objects(computed, context)
             if folder is None:
                 continue  # not rank 0: only rank 0 writes and counts

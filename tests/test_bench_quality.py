@@ -253,8 +253,18 @@ def test_ablation_rows_change_only_their_component() -> None:
             False,
         )
         half["evaluate"]["fill_holes"] = kept["evaluate"]["fill_holes"] = True
-        assert half == default
-        assert kept == default
+        # The CAM is the top step: every row below it keeps the Grad-CAM it was measured with.
+        grad_cam = bench_quality.method_params(dataset, "weakseg_grad_cam", 2)
+        assert [row["cam"]["method"] for row in (default, grad_cam, kept, half)] == [
+            "crop_evidence",
+            "smoothgradcampp",
+            "smoothgradcampp",
+            "smoothgradcampp",
+        ]
+        assert half == grad_cam
+        assert kept == grad_cam
+        grad_cam["cam"]["method"] = "crop_evidence"
+        assert grad_cam == default
         # The rows below the foreground's step keep the top half they were measured with.
         for row in ("weakseg_whole_tile_classifier", "fully_supervised"):
             assert bench_quality.method_params(dataset, row, 2)["refine"]["threshold_quantile"] == 0.5

@@ -24,7 +24,7 @@ from weakseg.cam import (
     dihedral_mean,
 )
 from weakseg.data.layout import Tile, write_annotations
-from weakseg.io import read_gray, read_json, write_png
+from weakseg.io import read_gray, read_json, read_rgb, write_png
 from weakseg.models import build_classifier, save_checkpoint
 from weakseg.stage import run_stage
 from weakseg.training.common import preprocessing_record
@@ -189,6 +189,28 @@ def test_generate_cams_stage_writes_one_reproducible_heatmap_per_tile(
     assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
     for tile in tiles:
         np.testing.assert_array_equal(read_gray(tmp_path / "data/cams" / tile.name), first[tile.name])
+
+
+def test_generate_cams_stage_slides_a_crop_classifier_at_half_its_crop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: RecordingTracker
+) -> None:
+    from stages import generate_cams
+    from weakseg.cam_batches import crop_evidence_cams
+    from weakseg.models import load_checkpoint, model_from_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    tiles = _write_tiny_project(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["cam"]["method"] = "crop_evidence"
+    params["classifier"] = {"crop_size": 32}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_stage("generate_cams", generate_cams.run, argv=[]) == 0
+    checkpoint = load_checkpoint(tmp_path / "models/classifier.pt", kind="classifier")
+    model = model_from_checkpoint(checkpoint)
+    for tile in tiles:
+        image = read_rgb(tmp_path / "data/normalized/images" / tile.name)
+        expected = crop_evidence_cams(model, image[None], 16, torch.device("cpu"), checkpoint["preprocessing"])[0]
+        np.testing.assert_array_equal(read_gray(tmp_path / "data/cams" / tile.name), cam_to_uint8(expected))
 
 
 def test_generate_cams_refuses_a_classifier_of_another_label(

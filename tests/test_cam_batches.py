@@ -11,8 +11,17 @@ import torch
 
 from tests.test_cam import RedVersusBlue, red_and_blue_tile
 from weakseg.cam import cam_to_uint8, compute_cams
-from weakseg.cam_batches import CamTally, batch_cams, batch_plan, batch_seed, same_size_batches, tiles_needing_cams
+from weakseg.cam_batches import (
+    CamTally,
+    batch_cams,
+    batch_plan,
+    batch_seed,
+    evidence_crop_size,
+    same_size_batches,
+    tiles_needing_cams,
+)
 from weakseg.data.layout import Tile
+from weakseg.errors import UserInputError
 from weakseg.io import ImageReadError, read_gray, write_png
 from weakseg.params import CamParams
 
@@ -60,6 +69,23 @@ def test_batch_cams_ask_for_the_positive_class_and_encode_each_tile() -> None:
     for (_, heatmap, mean_activation, is_flat), cam in zip(encoded, expected, strict=True):
         np.testing.assert_array_equal(heatmap, cam_to_uint8(cam))  # the negative tile too: positive evidence
         assert mean_activation == float(cam.mean()) and is_flat == 0
+
+
+def test_crop_evidence_cams_put_the_red_patch_on_top_and_need_a_crop_size() -> None:
+    model = RedVersusBlue().eval()
+    images = np.stack([red_and_blue_tile()])
+    tiles = [Tile("pos.png", "SSA", "train", True)]
+    settings = CamParams(method="crop_evidence", batch_size=2)
+    encoded = batch_cams(model, tiles, images, settings, 0, torch.device("cpu"), None, classifier_crop_size=16)
+    ((_, heatmap, mean_activation, is_flat),) = encoded
+    assert heatmap.shape == images.shape[1:3] and heatmap.max() == 255 and heatmap.min() == 0 and is_flat == 0
+    # Crops of 8 pixels (half the classifier's 16): the red patch scores highest, the blue one lowest.
+    assert heatmap[2:12, 2:12].mean() > heatmap[12:20, 12:20].mean() > heatmap[20:30, 20:30].mean()
+    assert mean_activation == pytest.approx(heatmap.mean() / 255, abs=1 / 255)
+    assert evidence_crop_size(settings, 16) == 8
+    assert evidence_crop_size(CamParams(method="crop_evidence", evidence_crop_size=12), None) == 12
+    with pytest.raises(UserInputError, match="cam.evidence_crop_size, or classifier.crop_size"):
+        batch_cams(model, tiles, images, settings, 0, torch.device("cpu"), None)
 
 
 def test_tally_writes_counts_and_warns_about_flat_cams(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

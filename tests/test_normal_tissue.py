@@ -18,6 +18,7 @@ from weakseg.normal_tissue import (
     class_evidence_maps,
     crop_evidence_maps,
     estimate_normal_tissue_fraction,
+    mean_crop_evidence_maps,
     tissue_evidence,
 )
 
@@ -76,6 +77,28 @@ def test_crop_evidence_of_an_image_no_larger_than_the_crop_is_its_logit() -> Non
     images = torch.zeros(2, 3, 6, 6)
     images[1, 0, :3] = 1.0
     maps = crop_evidence_maps(_MeanOfFirstChannel(), images, crop_size=8)
+    torch.testing.assert_close(maps, torch.tensor([0.0, 0.5])[:, None, None].expand(2, 6, 6))
+
+
+def test_mean_crop_evidence_is_the_mean_crop_logit_holding_each_pixel() -> None:
+    images = torch.zeros(1, 3, 8, 8)
+    images[0, 0, :2, :2] = 1.0  # a 2x2 lesion in the corner; only the corner crop (of 9) holds it
+    maps = mean_crop_evidence_maps(_MeanOfFirstChannel(), images, crop_size=4, stride=2, batch_size=5)
+    expected = torch.zeros(1, 8, 8)
+    expected[0, :2, :2] = 4 / 16  # held by the corner crop alone
+    expected[0, 2:4, :2] = expected[0, :2, 2:4] = 4 / 16 / 2  # by it and one crop clear of the lesion
+    expected[0, 2:4, 2:4] = 4 / 16 / 4  # by it and three clear crops
+    torch.testing.assert_close(maps, expected)
+    # The lowest crop logit (crop_evidence_maps) clears every pixel a lesion-free crop holds; the mean grades
+    # them by how many of their crops hold lesion.
+    lowest = crop_evidence_maps(_MeanOfFirstChannel(), images, crop_size=4, stride=2)
+    assert (maps >= lowest).all() and lowest[0, 2, 2] == 0.0 < maps[0, 2, 2]
+
+
+def test_mean_crop_evidence_of_an_image_no_larger_than_the_crop_is_its_logit() -> None:
+    images = torch.zeros(2, 3, 6, 6)
+    images[1, 0, :3] = 1.0
+    maps = mean_crop_evidence_maps(_MeanOfFirstChannel(), images, crop_size=8)
     torch.testing.assert_close(maps, torch.tensor([0.0, 0.5])[:, None, None].expand(2, 6, 6))
 
 

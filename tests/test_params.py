@@ -141,6 +141,18 @@ def test_frozen_epochs_after_full_epoch_is_refused_naming_the_key() -> None:
     parse_params(_classifier(25, 8, 7, enabled=False))
 
 
+def test_crop_evidence_without_a_crop_size_is_refused_naming_the_key() -> None:
+    raw: dict[str, dict[str, Any]] = {"cam": {"method": "crop_evidence"}, "classifier": {"crop_size": None}}
+    with pytest.raises(ParamsError, match=r"cam.evidence_crop_size: cam.method crop_evidence needs"):
+        parse_params(raw, "params.yaml")
+    assert (
+        parse_params({"cam": {"method": "crop_evidence"}, "classifier": {"crop_size": 64}}).cam.evidence_crop_size
+        is None
+    )
+    raw["cam"]["evidence_crop_size"] = 32
+    assert parse_params(raw).cam.evidence_crop_size == 32
+
+
 def test_several_crops_per_tile_without_a_crop_size_are_refused_naming_the_key() -> None:
     raw = _project_params()
     raw["classifier"].update(crop_size=None, crops_per_tile=4)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from weakseg.cam import cam_to_uint8, compute_cams, dihedral_mean
+from weakseg.cam import cam_to_uint8, compute_cams, dihedral_mean, images_to_model_input, normalize_maps
 from weakseg.data.layout import Tile, figure_negative_tile, partition, read_annotations, split_train_validation
+from weakseg.errors import UserInputError
 from weakseg.io import read_mask, read_rgb, write_json, write_png
 from weakseg.normal_tissue import (
     MIN_REFERENCE_TILES,
     NormalTissueEstimate,
     estimate_normal_tissue_fraction,
+    mean_crop_evidence_maps,
     tissue_evidence,
 )
 from weakseg.params import CamParams, StageParams
@@ -101,6 +103,47 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return seed * 1_000_003 + batch_index
 
 
+def evidence_crop_size(settings: CamParams, classifier_crop_size: int | None) -> int:
+    """The crop side of ``cam.method: crop_evidence``: ``cam.evidence_crop_size``, else half the classifier's.
+
+    Raises:
+        UserInputError: if neither is set (a classifier trained on whole tiles has no crop scale to halve).
+    """
+    if settings.evidence_crop_size is not None:
+        return settings.evidence_crop_size
+    if classifier_crop_size is None:
+        raise UserInputError(
+            "cam.method crop_evidence needs cam.evidence_crop_size, or classifier.crop_size to take half of"
+        )
+    return max(classifier_crop_size // 2, 1)
+
+
+def crop_evidence_cams(
+    model: nn.Module,
+    images: np.ndarray,
+    crop_size: int,
+    device: torch.device,
+    preprocessing: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """The classifier's mean crop logit at each pixel (:func:`~weakseg.normal_tissue.mean_crop_evidence_maps`), 0..1.
+
+    Args:
+        model: the one-logit classifier.
+        images: ``(N, H, W, 3)`` uint8 RGB tiles of one size.
+        crop_size: the side of the sliding crops (a quarter of it is the step between them).
+        device: where the model runs.
+        preprocessing: the checkpoint's preprocessing record.
+
+    Returns:
+        ``(N, H, W)`` float32 maps, each scaled to 0..1 as a CAM is.
+    """
+    model = model.to(device).eval()
+    inputs = images_to_model_input(np.asarray(images), preprocessing).to(device)
+    with torch.no_grad():
+        maps = mean_crop_evidence_maps(model, inputs, crop_size)
+    return normalize_maps(maps.float()).cpu().numpy().astype(np.float32)
+
+
 def batch_cams(
     model: nn.Module,
     tiles: Sequence[Tile],
@@ -109,6 +152,7 @@ def batch_cams(
     seed: int,
     device: torch.device,
     preprocessing: Mapping[str, Any] | None,
+    classifier_crop_size: int | None = None,
 ) -> list[EncodedCam]:
     """The CAM of the positive class of each tile of one batch, encoded for writing (see ``EncodedCam``).
 
@@ -120,20 +164,31 @@ def batch_cams(
         seed: the batch's noise seed (:func:`batch_seed`).
         device: where the model runs.
         preprocessing: the checkpoint's preprocessing record.
+        classifier_crop_size: ``classifier.crop_size``, whose half is ``crop_evidence``'s default crop.
     """
-    compute = functools.partial(
-        compute_cams,
-        model,
-        positives=[True] * len(tiles),  # the positive class's evidence, whatever the label
-        method=settings.method,
-        target_layer=settings.target_layer,
-        num_samples=settings.num_samples,
-        std=settings.std,
-        seed=seed,
-        device=device,
-        preprocessing=preprocessing,
-        score_batch_size=settings.batch_size,
-    )
+    compute: Callable[[np.ndarray], np.ndarray]
+    if settings.method == "crop_evidence":
+        compute = functools.partial(
+            crop_evidence_cams,
+            model,
+            crop_size=evidence_crop_size(settings, classifier_crop_size),
+            device=device,
+            preprocessing=preprocessing,
+        )
+    else:
+        compute = functools.partial(
+            compute_cams,
+            model,
+            positives=[True] * len(tiles),  # the positive class's evidence, whatever the label
+            method=settings.method,
+            target_layer=settings.target_layer,
+            num_samples=settings.num_samples,
+            std=settings.std,
+            seed=seed,
+            device=device,
+            preprocessing=preprocessing,
+            score_batch_size=settings.batch_size,
+        )
     cams = dihedral_mean(compute, images) if settings.test_time_augmentation == "dihedral" else compute(images)
     # uint8 maps travel (a quarter of float32); the statistics are taken from the floats here.
     return [

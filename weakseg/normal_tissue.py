@@ -89,21 +89,13 @@ def class_evidence_maps(classifier: nn.Module, images: torch.Tensor, upsample: b
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def crop_evidence_maps(
-    classifier: nn.Module, images: torch.Tensor, crop_size: int, stride: int | None = None, batch_size: int = 256
-) -> torch.Tensor:
-    """Per pixel, the lowest positive-class logit of the classifier's crops that contain it.
+def _crop_logits(
+    classifier: nn.Module, images: torch.Tensor, crop_size: int, stride: int | None, batch_size: int
+) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    """The classifier's logit of every overlapping crop of each image: ``(N, crops)`` and the crops' boxes.
 
-    Args:
-        classifier: a one-logit classifier that was trained on crops of ``crop_size``.
-        images: normalized ``(N, 3, H, W)``.
-        crop_size: the crop side in pixels; an image no larger than it is one crop (its own logit everywhere).
-        stride: the largest step between crops (:func:`~weakseg.sliding_window.window_starts` spreads them
-            evenly, the last flush with the edge); a quarter of the crop by default.
-        batch_size: crops per forward pass.
-
-    Returns:
-        ``(N, H, W)`` float maps.
+    The boxes are ``(top, left, height, width)``; a quarter of the crop is the largest step between them by
+    default (:func:`~weakseg.sliding_window.window_starts` spreads them evenly, the last flush with the edge).
     """
     height, width = images.shape[-2:]
     overlap = crop_size - (stride or max(crop_size // 4, 1))
@@ -125,12 +117,60 @@ def crop_evidence_maps(
         return torch.stack(crops)
 
     logits = torch.cat([classifier(crop_batch(start)) for start in range(0, total, batch_size)])
-    logits = logits.reshape(len(images), len(boxes)).float()
-    maps = torch.full((len(images), height, width), float("inf"), device=images.device)
+    return logits.reshape(len(images), len(boxes)).float(), boxes
+
+
+def crop_evidence_maps(
+    classifier: nn.Module, images: torch.Tensor, crop_size: int, stride: int | None = None, batch_size: int = 256
+) -> torch.Tensor:
+    """Per pixel, the lowest positive-class logit of the classifier's crops that contain it.
+
+    Args:
+        classifier: a one-logit classifier that was trained on crops of ``crop_size``.
+        images: normalized ``(N, 3, H, W)``.
+        crop_size: the crop side in pixels; an image no larger than it is one crop (its own logit everywhere).
+        stride: the largest step between crops (:func:`~weakseg.sliding_window.window_starts` spreads them
+            evenly, the last flush with the edge); a quarter of the crop by default.
+        batch_size: crops per forward pass.
+
+    Returns:
+        ``(N, H, W)`` float maps.
+    """
+    logits, boxes = _crop_logits(classifier, images, crop_size, stride, batch_size)
+    maps = torch.full((len(images), *images.shape[-2:]), float("inf"), device=images.device)
     for index, (top, left, h, w) in enumerate(boxes):
         window = maps[:, top : top + h, left : left + w]
         torch.minimum(window, logits[:, index, None, None], out=window)
     return maps
+
+
+def mean_crop_evidence_maps(
+    classifier: nn.Module, images: torch.Tensor, crop_size: int, stride: int | None = None, batch_size: int = 256
+) -> torch.Tensor:
+    """Per pixel, the mean positive-class logit of the classifier's crops that contain it.
+
+    A heatmap of a patch classifier slid over the tile, the usual localisation map of computational
+    pathology: with crops smaller than those the classifier trained on, a crop of normal tissue next to a
+    lesion holds no lesion, and its pixels score low (the CAM of a whole tile, by contrast, blurs over the
+    receptive field of its layer).
+
+    Args:
+        classifier: a one-logit classifier.
+        images: normalized ``(N, 3, H, W)``.
+        crop_size: the crop side in pixels; an image no larger than it is one crop (its own logit everywhere).
+        stride: the largest step between crops; a quarter of the crop by default.
+        batch_size: crops per forward pass.
+
+    Returns:
+        ``(N, H, W)`` float maps.
+    """
+    logits, boxes = _crop_logits(classifier, images, crop_size, stride, batch_size)
+    sums = torch.zeros((len(images), *images.shape[-2:]), device=images.device)
+    counts = torch.zeros(images.shape[-2:], device=images.device)
+    for index, (top, left, h, w) in enumerate(boxes):
+        sums[:, top : top + h, left : left + w] += logits[:, index, None, None]
+        counts[top : top + h, left : left + w] += 1
+    return sums / counts
 
 
 def estimate_normal_tissue_fraction(

@@ -13,7 +13,18 @@ from weakseg.params.base import _key_error, _Strict
 class CamParams(_Strict):
     """Stage 2: class activation maps from the classifier."""
 
-    method: Literal["smoothgradcampp", "gradcam", "gradcampp", "scorecam", "layercam"] = "smoothgradcampp"
+    method: Literal["smoothgradcampp", "gradcam", "gradcampp", "scorecam", "layercam", "crop_evidence"] = Field(
+        "smoothgradcampp",
+        description="A torchcam method on cam.target_layer (the paper: smoothgradcampp), or 'crop_evidence': the "
+        "classifier slid over the tile on crops of cam.evidence_crop_size, each pixel the mean logit of the "
+        "crops that hold it.",
+    )
+    evidence_crop_size: int | None = Field(
+        None,
+        ge=8,
+        description="For method crop_evidence: the side of the sliding crops (a quarter of it the step between "
+        "them); null: half of classifier.crop_size.",
+    )
     num_samples: int = Field(4, ge=1, description="Smooth Grad-CAM++ noise samples.")
     std: float = Field(0.3, gt=0.0, description="Smooth Grad-CAM++ noise standard deviation.")
     target_layer: str = Field("layer4", min_length=1)

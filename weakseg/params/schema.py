@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
-from weakseg.params.base import ParamsError, _Strict
+from weakseg.params.base import ParamsError, _key_error, _Strict
 from weakseg.params.data import DataParams, NormalizeParams, SplitParams
 from weakseg.params.evaluation import EvaluateParams
 from weakseg.params.pseudo_masks import CamParams, RefineParams
@@ -27,6 +27,21 @@ class Params(_Strict):
     refine: RefineParams = RefineParams()
     segmenter: SegmenterParams = SegmenterParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _crop_evidence_has_a_size(self) -> Params:
+        if (
+            self.cam.method == "crop_evidence"
+            and self.cam.evidence_crop_size is None
+            and self.classifier.crop_size is None
+        ):
+            raise _key_error(
+                "Params",
+                ("cam", "evidence_crop_size"),
+                None,
+                "cam.method crop_evidence needs cam.evidence_crop_size, or classifier.crop_size to take half of",
+            )
+        return self
 
 
 def _format_error(error: ValidationError, source: str) -> str:
