@@ -35,6 +35,7 @@ from weakseg.normal_tissue import (
     tissue_evidence,
 )
 from weakseg.params import CamParams, StageParams
+from weakseg.params.pseudo_masks import CROP_EVIDENCE_NEEDS_A_SIZE
 from weakseg.tracking import StageRun
 
 LOGGER = logging.getLogger(__name__)
@@ -112,9 +113,7 @@ def evidence_crop_size(settings: CamParams, classifier_crop_size: int | None) ->
     if settings.evidence_crop_size is not None:
         return settings.evidence_crop_size
     if classifier_crop_size is None:
-        raise UserInputError(
-            "cam.method crop_evidence needs cam.evidence_crop_size, or classifier.crop_size to take half of"
-        )
+        raise UserInputError(CROP_EVIDENCE_NEEDS_A_SIZE)
     return max(classifier_crop_size // 2, 1)
 
 

@@ -8,6 +8,11 @@ from pydantic import Field, model_validator
 
 from weakseg.params.base import _key_error, _Strict
 
+# Said by the params check (no size anywhere) and by weakseg.cam_batches when called without one.
+CROP_EVIDENCE_NEEDS_A_SIZE = (
+    "cam.method crop_evidence needs cam.evidence_crop_size, or classifier.crop_size to take half of"
+)
+
 
 # ---------------------------------------------------------------------------------------------- cam
 class CamParams(_Strict):

@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, model_validator
 from weakseg.params.base import ParamsError, _key_error, _Strict
 from weakseg.params.data import DataParams, NormalizeParams, SplitParams
 from weakseg.params.evaluation import EvaluateParams
-from weakseg.params.pseudo_masks import CamParams, RefineParams
+from weakseg.params.pseudo_masks import CROP_EVIDENCE_NEEDS_A_SIZE, CamParams, RefineParams
 from weakseg.params.training import ClassifierParams, SegmenterParams
 
 
@@ -35,12 +35,7 @@ class Params(_Strict):
             and self.cam.evidence_crop_size is None
             and self.classifier.crop_size is None
         ):
-            raise _key_error(
-                "Params",
-                ("cam", "evidence_crop_size"),
-                None,
-                "cam.method crop_evidence needs cam.evidence_crop_size, or classifier.crop_size to take half of",
-            )
+            raise _key_error("Params", ("cam", "evidence_crop_size"), None, CROP_EVIDENCE_NEEDS_A_SIZE)
         return self
 
 
