@@ -15,8 +15,10 @@ per seed (``../shared/PIPELINE.md``, "Quality table"). Rows:
   tiles that run's classifier calls positive), ``tissue_if_label_positive_oracle_label``, and the ablation
   rows ``cam_thresholded`` and ``pseudo_masks`` (classifier-gated, as the pipeline would output them);
 - ablations read from the trained runs' ``evaluate.json``: ``paper_classifier_gated`` (the paper's
-  segmenter with the classification gate), ``weakseg_ungated`` (weakseg without its gate) and
-  ``weakseg_head_gated`` (weakseg gated by its own head instead);
+  segmenter with the classification gate), ``weakseg_ungated`` (weakseg without its gate),
+  ``weakseg_head_gated`` (weakseg gated by its own head instead) and ``weakseg_classifier_gated`` (by the
+  classifier alone, the default before its gate took both models), beside ``tissue_if_classifier_and_head_positive``
+  (all tissue on the tiles weakseg's gate passes);
 - trained ablation rows (:data:`ABLATIONS`), the ladder from the paper's chain to the default, one
   component at a time: ``paper_without_crf``, the ignore band (``weakseg_cam_layer4``), the CAM on layer3
   (``weakseg_without_background_seeds``), background seeds (``weakseg_whole_tile_classifier``), the crop
@@ -95,6 +97,11 @@ DERIVED_ROWS = {
         "baseline.tissue_holes_filled_if_classified_positive.vs_truth",
         "tissue masks with their enclosed holes filled (evaluate.fill_holes' step), classifier decisions",
     ),
+    "tissue_if_classifier_and_head_positive": (
+        "baseline.tissue_if_classifier_and_head_positive.vs_truth",
+        "tissue masks, the decisions of weakseg's gate (the lower of the classifier's and the segmenter head's "
+        "probabilities at a cut chosen on validation)",
+    ),
     "cam_thresholded": ("cam.vs_truth", "the classifier's CAM at the quantile, classifier decisions"),
     "pseudo_masks": ("pseudo.vs_truth", "weakseg's refined pseudo-masks (their foreground), classifier decisions"),
 }
@@ -115,21 +122,27 @@ VARIANT_ROWS = {
         "segmenter_head_gated.vs_truth",
         "weakseg gated by the segmenter's own classification head (evaluate.segmenter_gate: head)",
     ),
+    "weakseg_classifier_gated": (
+        "weakseg",
+        "segmenter_classifier_gated.vs_truth",
+        "ablation: weakseg gated by the classifier alone (evaluate.segmenter_gate: classifier; the default before)",
+    ),
 }
 TRAINED_ROWS = {
     "paper": "the paper's chain (CAM -> quantile -> morphology -> CRF -> DeepLabV3+), tile labels only",
     "paper_without_crf": "ablation: the paper's chain without DenseCRF",
     "weakseg": (
-        "the default method (a balanced classifier trained on 64 px crops, which also gates the mask at a cut "
-        "chosen on validation, by balanced accuracy unless one class has under 10 tiles there; as its CAM, that "
+        "the default method (a balanced classifier trained on 64 px crops; as its gate, the lower of its probability "
+        "and the segmenter head's at a cut chosen on validation, by balanced accuracy unless one class has under "
+        "10 tiles there; as its CAM, that "
         "classifier's mean logit over the 32 px crops that hold each pixel; ignore"
         " band with background seeds of the normal share measured on its crops, below the validation negatives' "
         "90th percentile, and foreground above the seeds and a band of 20 % of the tissue; one-cycle segmenter; "
         "no CRF; scarce negatives repeated; the regions its mask encloses filled), tile labels only"
     ),
     "weakseg_grad_cam": (
-        "ablation: weakseg with the classifier's Smooth Grad-CAM++ on layer3 as its CAM instead of its mean crop "
-        "logit (cam.method smoothgradcampp; the default before)"
+        "ablation: weakseg_classifier_gated with the classifier's Smooth Grad-CAM++ on layer3 as its CAM instead "
+        "of its mean crop logit (cam.method smoothgradcampp; the default before)"
     ),
     "weakseg_without_hole_filling": (
         "ablation: weakseg_grad_cam without filling the regions its mask encloses (evaluate.fill_holes false; the "
@@ -195,8 +208,8 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {"segmenter.curriculum.oversample_negatives": False},
     ),
     # The default before the CAM was the crop classifier's mean crop logit (every row below it keeps the
-    # Grad-CAM, as measured).
-    "weakseg_grad_cam": ("weakseg", {"cam.method": "smoothgradcampp"}),
+    # Grad-CAM and the classifier's gate, as measured).
+    "weakseg_grad_cam": ("weakseg", {"cam.method": "smoothgradcampp", "evaluate.segmenter_gate": "classifier"}),
     # The default before the mask's enclosed holes were filled (every row below it keeps them, as measured).
     "weakseg_without_hole_filling": ("weakseg_grad_cam", {"evaluate.fill_holes": False}),
     # The yardstick with the same step, so the gap to it is not the step's.
@@ -295,6 +308,7 @@ ROW_ORDER = [
     "tissue_if_classified_positive",
     "tissue_if_label_positive_oracle_label",
     "tissue_holes_filled_if_classified_positive",
+    "tissue_if_classifier_and_head_positive",
     "cam_thresholded",
     "pseudo_masks",
     "paper",
@@ -303,6 +317,7 @@ ROW_ORDER = [
     "weakseg",
     "weakseg_ungated",
     "weakseg_head_gated",
+    "weakseg_classifier_gated",
     "weakseg_grad_cam",
     "weakseg_without_hole_filling",
     "weakseg_balanced_accuracy_gate",

@@ -78,10 +78,12 @@ def _evaluate(params: StageParams, context: DistributedContext | None) -> None:
     shown = {tile.name for tile in selected}
     try:
         if context is None or not context.enabled:
-            scored, has_truth, head_threshold, classifier_threshold = score_tiles(params, INPUTS, tiles, shown)
+            scored, has_truth, head_threshold, classifier_threshold, joint_threshold = score_tiles(
+                params, INPUTS, tiles, shown
+            )
         else:
             # Each rank scores every world_size-th tile; rank 0 puts them back in order and goes on alone.
-            share, has_truth, head_threshold, classifier_threshold = score_tiles(
+            share, has_truth, head_threshold, classifier_threshold, joint_threshold = score_tiles(
                 params, INPUTS, shard(tiles, context), shown, context.device
             )
             shares = gather_objects(share, context)
@@ -97,6 +99,7 @@ def _evaluate(params: StageParams, context: DistributedContext | None) -> None:
         has_truth,
         head_threshold=head_threshold,
         classifier_threshold=classifier_threshold,
+        joint_threshold=joint_threshold,
     )
     result["settings"]["segmenter_gate"] = settings.segmenter_gate
     roc_curves = tile_roc_curves(scored, result)

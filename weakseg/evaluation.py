@@ -11,7 +11,7 @@ Arrays in, dicts out; :func:`write_roc_csv` and :func:`write_confusion_csv` writ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +26,9 @@ from weakseg.refine import fill_enclosed_holes
 
 ROC_COLUMNS = ("fpr", "tpr", "threshold")
 CONFUSION_COLUMNS = ("actual", "predicted")
+
+# evaluate.segmenter_gate's value for the gate of both models (see joint_gate_probability).
+CLASSIFIER_AND_HEAD = "classifier_and_head"
 
 # One tile-level decision's ROC: its name, its curve points ({"fpr", "tpr", "threshold"}) and its AUC.
 RocCurve = tuple[str, list[dict[str, float]], float]
@@ -67,6 +70,52 @@ def figure_selection(tiles: Sequence[Tile], per_class: int, seed: int) -> list[T
     return chosen
 
 
+def joint_gate_probability(classifier_probability: float, head_probability: float) -> float:
+    """The tile probability of the ``classifier_and_head`` gate: the lower of the two models' probabilities.
+
+    A tile passes only where both the classifier and the segmenter's head find it positive enough, so a
+    negative tile that one of them mistakes for a positive is still stopped by the other. That matters most
+    where validation negatives are too few to place a cut (``decision_rule: auto`` then puts it at the lowest
+    validation positive): every unseen negative above that cut passes a one-model gate. The two models
+    learned the tile label from different targets (crops of the tile label; the pseudo-masks), so they are
+    not fooled by the same tiles alone.
+    """
+    return min(float(classifier_probability), float(head_probability))
+
+
+def gate_probability(tile_probabilities: Mapping[str, float], segmenter_gate: str) -> float:
+    """The probability ``evaluate.segmenter_gate`` compares with its cut: the gating model's, or both models'.
+
+    Args:
+        tile_probabilities: the tile's ``classifier`` and ``head`` probabilities.
+        segmenter_gate: ``classifier``, ``head`` or ``classifier_and_head``.
+    """
+    if segmenter_gate == CLASSIFIER_AND_HEAD:
+        return joint_gate_probability(tile_probabilities["classifier"], tile_probabilities["head"])
+    return float(tile_probabilities[segmenter_gate])
+
+
+def choose_joint_gate_threshold(
+    labels: Sequence[bool],
+    classifier_probabilities: Sequence[float],
+    head_probabilities: Sequence[float],
+    rule: str,
+) -> metrics.ThresholdChoice:
+    """The ``classifier_and_head`` gate's cut, chosen on validation tiles by ``rule`` as each model's own is.
+
+    Args:
+        labels: the validation tiles' labels (positive = True).
+        classifier_probabilities: the classifier's probability of each.
+        head_probabilities: the segmenter head's probability of each.
+        rule: ``auto`` or ``balanced_accuracy`` (:func:`weakseg.metrics.choose_decision_threshold`).
+    """
+    scores = [
+        joint_gate_probability(classifier, head)
+        for classifier, head in zip(classifier_probabilities, head_probabilities, strict=True)
+    ]
+    return metrics.choose_decision_threshold(labels, scores, rule)
+
+
 def gate(masks: Sequence[np.ndarray], keep: Sequence[bool]) -> list[np.ndarray]:
     """Each mask where its tile is kept, an empty mask elsewhere."""
     return [mask if kept else np.zeros_like(mask) for mask, kept in zip(masks, keep, strict=True)]
@@ -79,13 +128,16 @@ def compute_metrics(
     has_truth: bool,
     head_threshold: float | None = None,
     classifier_threshold: float | None = None,
+    joint_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Every number of ``metrics/evaluate.json`` from the scored tiles.
 
     ``threshold`` is the pixel threshold. ``classifier_threshold`` is the classifier's decision threshold
     (its checkpoint's; ``threshold`` if None): a tile the classifier calls negative gets empty CAM,
     pseudo-mask and baseline masks in the fair rows. ``head_threshold`` is the segmenter head's tile
-    threshold (its checkpoint's; ``threshold`` if None).
+    threshold (its checkpoint's; ``threshold`` if None). ``joint_threshold``, where the
+    ``classifier_and_head`` gate is configured, is its cut on :func:`joint_gate_probability` (chosen on
+    validation): it adds that decision's scores, the trivial baseline gated by it and the segmenter gated by it.
     """
     labels = [record.tile.positive for record in scored]
     classifier_cut = threshold if classifier_threshold is None else float(classifier_threshold)
@@ -120,6 +172,14 @@ def compute_metrics(
         },
         "settings": {"threshold": threshold, "min_foreground_pixels": min_foreground_pixels},
     }
+    joint_positive: list[bool] | None = None
+    if joint_threshold is not None:
+        joint = [joint_gate_probability(r.classifier_probability, r.head_probability) for r in scored]
+        joint_positive = [probability >= joint_threshold for probability in joint]
+        result["classifier_and_head"] = {
+            **metrics.classification_scores(labels, joint, float(joint_threshold)),
+            "threshold": float(joint_threshold),
+        }
     tissues = [record.tissue for record in scored]
     # Trivial reference points: the whole tissue of every tile called positive (by the classifier: what
     # the pipeline could output; by the label: what "lesion = tissue" scores with perfect tile labels).
@@ -154,6 +214,14 @@ def compute_metrics(
         result["segmenter_head_gated"] = {
             "vs_truth": metrics.segmentation_scores(gate(ungated, head_positive), truths, labels)
         }
+        if joint_positive is not None:
+            result["segmenter_classifier_and_head_gated"] = {
+                "vs_truth": metrics.segmentation_scores(gate(ungated, joint_positive), truths, labels)
+            }
+            # The trivial answer with the same tile decisions as the gated segmenter.
+            result["baseline"]["tissue_if_classifier_and_head_positive"] = {
+                "vs_truth": metrics.segmentation_scores(gate(tissues, joint_positive), truths, labels)
+            }
         cams = [record.cam_mask for record in scored]
         pseudos = [record.pseudo for record in scored]
         for key, masks, keep in (

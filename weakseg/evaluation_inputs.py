@@ -15,10 +15,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weakseg.data.layout import Tile
+from weakseg.data.layout import Tile, partition, read_annotations, split_train_validation
 from weakseg.distributed import select_device
-from weakseg.evaluation import EvaluateInputError, TestTile
-from weakseg.inference import load_model, make_forward
+from weakseg.evaluation import (
+    CLASSIFIER_AND_HEAD,
+    EvaluateInputError,
+    TestTile,
+    choose_joint_gate_threshold,
+    gate_probability,
+)
+from weakseg.inference import BatchForward, Preprocessing, load_model, make_forward
 from weakseg.io import read_gray, read_json, read_mask, read_pseudo_mask, read_rgb
 from weakseg.params import RefineParams, StageParams
 from weakseg.pseudo_masks import needs_normal_tissue_estimate, resolve_quantiles
@@ -68,13 +74,55 @@ def cam_threshold_quantile(refine: RefineParams, cam_metrics: Path) -> float:
         raise EvaluateInputError(f"{cam_metrics}: {error}") from None
 
 
+def validation_joint_threshold(
+    params: StageParams,
+    inputs: EvaluationInputs,
+    forward: BatchForward,
+    preprocessing: Preprocessing,
+    device: torch.device,
+) -> float:
+    """The ``classifier_and_head`` gate's cut, chosen on the validation split of ``train`` (never the test tiles).
+
+    The split is the one both models were selected on (``split.validation_fraction``, ``split.seed``); the
+    cut follows ``classifier.decision_rule``, as the classifier's own does.
+
+    Raises:
+        EvaluateInputError: if the train partition cannot be split as the training stages split it.
+    """
+    annotations = inputs.normalized / "annotations.csv"
+    tiles = read_annotations(annotations, params.data.positive_label)
+    try:
+        _, validation = split_train_validation(
+            partition(tiles, "train"), params.split.validation_fraction, params.split.seed
+        )
+    except ValueError as error:
+        raise EvaluateInputError(f"{annotations}: {error} (see split.validation_fraction)") from None
+    images_folder = inputs.normalized / "images"
+
+    def images() -> Iterator[tuple[int, np.ndarray]]:
+        for index, tile in enumerate(validation):
+            yield index, read_rgb(images_folder / tile.name)
+
+    classifier_probabilities: list[float] = []
+    head_probabilities: list[float] = []
+    predictions = predict_images(images(), forward, preprocessing, device, params.evaluate.batch_size)
+    for _, prediction in tqdm(predictions, total=len(validation), desc="evaluate: validation tiles", leave=False):
+        classifier_probabilities.append(float(prediction.tile_probabilities["classifier"]))
+        head_probabilities.append(float(prediction.tile_probabilities["head"]))
+    labels = [tile.positive for tile in validation]
+    choice = choose_joint_gate_threshold(
+        labels, classifier_probabilities, head_probabilities, params.classifier.decision_rule
+    )
+    return choice.threshold
+
+
 def score_tiles(
     params: StageParams,
     inputs: EvaluationInputs,
     tiles: list[Tile],
     shown: set[str],
     device: torch.device | None = None,
-) -> tuple[list[TestTile], bool, float, float]:
+) -> tuple[list[TestTile], bool, float, float, float | None]:
     """Runs both models over the test tiles and gathers every mask the metrics need.
 
     Args:
@@ -86,8 +134,9 @@ def score_tiles(
         device: a distributed rank's GPU; replaces ``evaluate.device`` when given.
 
     Returns:
-        The scored tiles, whether true masks exist, and the tile thresholds of the segmenter head and of
-        the classifier from their checkpoints.
+        The scored tiles, whether true masks exist, the tile thresholds of the segmenter head and of the
+        classifier from their checkpoints, and the ``classifier_and_head`` gate's cut chosen on validation
+        (None unless ``evaluate.segmenter_gate`` is that gate).
 
     Raises:
         EvaluateInputError: for an unusable device, a model of another positive label, or a mask whose
@@ -112,8 +161,15 @@ def score_tiles(
     forward = make_forward(segmenter.model, classifier.model, settings.test_time_augmentation)
     classifier_threshold = classifier.decision_threshold
     head_threshold = segmenter.head_threshold
-    # The tile decision that gates the segmenter's mask (its tile_probabilities key is the gate's name).
-    gate_threshold = {"classifier": classifier_threshold, "head": head_threshold}.get(settings.segmenter_gate)
+    joint_threshold = None
+    if settings.segmenter_gate == CLASSIFIER_AND_HEAD:
+        joint_threshold = validation_joint_threshold(params, inputs, forward, segmenter.preprocessing, device)
+    # The tile decision that gates the segmenter's mask.
+    gate_threshold = {
+        "classifier": classifier_threshold,
+        "head": head_threshold,
+        CLASSIFIER_AND_HEAD: joint_threshold,
+    }.get(settings.segmenter_gate)
     images_folder, tissue_folder = inputs.normalized / "images", inputs.normalized / "tissue"
     cam_quantile = cam_threshold_quantile(params.refine, inputs.cam_metrics)
 
@@ -143,7 +199,10 @@ def score_tiles(
         )
         cam_mask = threshold_cam(cam, tissue, cam_quantile, params.refine.restrict_to_tissue)
         ungated = None
-        if gate_threshold is not None and prediction.tile_probabilities[settings.segmenter_gate] < gate_threshold:
+        if (
+            gate_threshold is not None
+            and gate_probability(prediction.tile_probabilities, settings.segmenter_gate) < gate_threshold
+        ):
             ungated, predicted = predicted, np.zeros_like(predicted)
         record = TestTile(
             tile=tile,
@@ -160,4 +219,4 @@ def score_tiles(
             record.image = read_rgb(images_folder / tile.name)
             record.probability = prediction.probability
         scored.append(record)
-    return scored, has_truth, head_threshold, classifier_threshold
+    return scored, has_truth, head_threshold, classifier_threshold, joint_threshold

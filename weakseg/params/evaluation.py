@@ -19,12 +19,14 @@ class EvaluateParams(_Strict):
         description="The segmenter's pixel threshold. Classifier decisions (scores, confusion, every gate) use "
         "the decision_threshold train_classifier chose on validation and stored in its checkpoint.",
     )
-    segmenter_gate: Literal["none", "classifier", "head"] = Field(
+    segmenter_gate: Literal["none", "classifier", "head", "classifier_and_head"] = Field(
         "none",
         description="'classifier': the segmenter's mask of a tile the classifier calls negative is emptied "
         "(a classification gate at inference; weakseg-predict --gate --classifier does the same); 'head': of "
         "a tile the segmenter's own classification head calls negative, at the threshold train_segmenter "
-        "chose on validation (weakseg-predict --gate).",
+        "chose on validation (weakseg-predict --gate); 'classifier_and_head': of a tile whose lower probability "
+        "of the two is below a cut evaluate chooses on the validation split of train by "
+        "classifier.decision_rule (weakseg-predict has no such gate yet).",
     )
     test_time_augmentation: Literal["none", "dihedral"] = Field(
         "none",
