@@ -264,6 +264,12 @@ def test_ablation_rows_change_only_their_component() -> None:
         assert half == grad_cam
         assert kept == grad_cam
         grad_cam["cam"]["method"] = "crop_evidence"
+        # The gate of both models is the top step: every row below it keeps the classifier's gate.
+        assert [row["evaluate"]["segmenter_gate"] for row in (default, grad_cam)] == [
+            "classifier_and_head",
+            "classifier",
+        ]
+        grad_cam["evaluate"]["segmenter_gate"] = "classifier_and_head"
         assert grad_cam == default
         # The rows below the foreground's step keep the top half they were measured with.
         for row in ("weakseg_whole_tile_classifier", "fully_supervised"):

@@ -15,7 +15,7 @@ import yaml
 
 from stages import evaluate
 from tests.metric_keys import contract_names as pipeline_metric_names
-from weakseg import figures
+from weakseg import figures, metrics
 from weakseg.data.layout import Tile, write_annotations
 from weakseg.io import write_png
 from weakseg.models import build_classifier, build_segmenter, save_checkpoint
@@ -41,7 +41,8 @@ def _square(offset: int) -> np.ndarray:
 
 
 def _build_project(root: Path, with_truth: bool, positive_label: str = "SSA") -> list[Tile]:
-    """A project folder holding exactly what evaluate reads; every train-partition file is corrupt."""
+    """A project folder holding exactly what evaluate reads; every train-partition file but its normalized
+    image is corrupt (the gate of both models reads the validation tiles' images, nothing else of train)."""
     rng = np.random.default_rng(7)
     shutil.copy(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
@@ -60,8 +61,9 @@ def _build_project(root: Path, with_truth: bool, positive_label: str = "SSA") ->
     write_annotations(root / "data/normalized/annotations.csv", tiles)
     for index, tile in enumerate(tiles):
         if tile.partition == "train":
-            for folder in folders:  # evaluate must never open these
+            for folder in folders[1:]:  # evaluate must never open these
                 (root / folder / tile.name).write_bytes(b"not a png")
+            write_png(root / folders[0] / tile.name, rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8))
             continue
         truth = _square(4 + index) if tile.positive else np.zeros((TILE, TILE), dtype=bool)
         write_png(root / "data/normalized/images" / tile.name, rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8))
@@ -282,6 +284,88 @@ def test_fill_holes_adds_the_lumens_the_tissue_restriction_leaves_out(
     assert results[False]["segmenter"]["vs_truth"]["iou"] == pytest.approx(kept_iou)
     assert results[True]["segmenter"]["vs_truth"]["iou"] == pytest.approx(lesion / test_pixels)
     assert results[True]["segmenter"]["vs_truth"]["iou"] != pytest.approx(kept_iou)
+
+
+# ------------------------------------------------------------------ the gate of both models
+def _store_head(root: Path, probability: float) -> None:
+    """Makes the project's segmenter head constant: ``probability`` for every tile."""
+    path = root / "models/segmenter.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload["state_dict"]
+    state["network.classification_head.3.weight"] = torch.zeros_like(state["network.classification_head.3.weight"])
+    state["network.classification_head.3.bias"] = torch.full_like(
+        state["network.classification_head.3.bias"], float(np.log(probability / (1 - probability)))
+    )
+    torch.save(payload, path)
+
+
+def test_the_gate_of_both_models_cuts_their_lower_probability_where_validation_places_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_tracking: _FakeRun
+) -> None:
+    """evaluate.segmenter_gate classifier_and_head: the cut is chosen on the validation split's tiles (one of
+    each class here; never a test tile) from both models' probabilities, and a tile passes only where the
+    lower of the two reaches it, whichever model is the lower one."""
+    from weakseg import evaluation_inputs
+
+    _build_project(tmp_path, with_truth=True)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["evaluate"].update({"segmenter_gate": "classifier_and_head", "threshold": 1e-9})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    calls: list[tuple] = []
+    forced: list[float] = []
+    real_choice = evaluation_inputs.choose_joint_gate_threshold
+
+    def recording_choice(labels, classifier_probabilities, head_probabilities, rule):  # type: ignore[no-untyped-def]
+        calls.append((list(labels), list(classifier_probabilities), list(head_probabilities), rule))
+        choice = real_choice(labels, classifier_probabilities, head_probabilities, rule)
+        return metrics.ThresholdChoice(forced[-1]) if forced else choice
+
+    monkeypatch.setattr(evaluation_inputs, "choose_joint_gate_threshold", recording_choice)
+    results = {}
+    for classifier, head, cut in ((0.7, 0.9, None), (0.7, 0.9, 0.8), (0.9, 0.7, 0.8), (0.9, 0.85, 0.8)):
+        _store_classifier(tmp_path, decision_threshold=0.5, probability=classifier)
+        _store_head(tmp_path, head)
+        if cut is not None:
+            forced.append(cut)
+        assert run_stage("evaluate", evaluate.run, argv=[]) == 0
+        results[(classifier, head, cut)] = json.loads(Path("metrics/evaluate.json").read_text())
+    labels, classifier_probabilities, head_probabilities, rule = calls[0]
+    assert sorted(labels) == [False, True] and rule == params["classifier"]["decision_rule"]
+    assert classifier_probabilities == pytest.approx([0.7, 0.7], abs=1e-5)
+    assert head_probabilities == pytest.approx([0.9, 0.9], abs=1e-5)
+    # Equal validation scores: no cut beats chance, 0.5 is kept, and every test tile (0.7) passes.
+    chosen = results[(0.7, 0.9, None)]
+    assert chosen["classifier_and_head"]["threshold"] == 0.5
+    assert chosen["segmenter"]["vs_truth"] == chosen["segmenter_ungated"]["vs_truth"]
+    assert chosen["segmenter"]["vs_truth"]["iou"] > 0.0
+    for blocked in (results[(0.7, 0.9, 0.8)], results[(0.9, 0.7, 0.8)]):  # the classifier, then the head is lower
+        assert blocked["classifier_and_head"]["threshold"] == 0.8
+        assert blocked["segmenter"]["vs_truth"]["iou"] == 0.0
+        assert blocked["segmenter_classifier_and_head_gated"]["vs_truth"] == blocked["segmenter"]["vs_truth"]
+        assert blocked["baseline"]["tissue_if_classifier_and_head_positive"]["vs_truth"]["iou"] == 0.0
+        # Either model alone at its own cut (0.5) would have passed every tile.
+        assert blocked["segmenter_classifier_gated"]["vs_truth"] == chosen["segmenter"]["vs_truth"]
+    both = results[(0.9, 0.85, 0.8)]
+    assert both["segmenter"]["vs_truth"] == chosen["segmenter"]["vs_truth"]
+    assert both["classifier_and_head"]["sensitivity"] == 1.0 and both["classifier_and_head"]["specificity"] == 0.0
+
+
+def test_only_the_gate_of_both_models_reads_train_tiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fake_tracking: _FakeRun
+) -> None:
+    """With the validation tiles' images corrupt too, the one-model gates run and the gate of both models
+    stops with the file's name."""
+    _build_project(tmp_path, with_truth=False)
+    for index in range(4):
+        (tmp_path / f"data/normalized/images/train_{index}.png").write_bytes(b"not a png")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    for gate, status in (("none", 0), ("classifier", 0), ("head", 0), ("classifier_and_head", 2)):
+        params["evaluate"]["segmenter_gate"] = gate
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        assert run_stage("evaluate", evaluate.run, argv=[]) == status, gate
+    assert "data/normalized/images/train_" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ classifier decision threshold

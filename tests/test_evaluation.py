@@ -274,3 +274,76 @@ def test_the_filled_tissue_baseline_adds_the_holes_the_tissue_encloses() -> None
     filled_iou = baseline["tissue_holes_filled_if_classified_positive"]["vs_truth"]["iou"]
     assert tissue_iou == pytest.approx((truth.sum() - lumen) / (TILE * TILE))
     assert filled_iou == pytest.approx(truth.sum() / (TILE * TILE))
+
+
+# ------------------------------------------------------------------ the gate of both models
+def test_the_joint_gate_probability_is_the_lower_of_the_two_models() -> None:
+    assert evaluation.joint_gate_probability(0.9, 0.2) == 0.2
+    assert evaluation.joint_gate_probability(0.3, 0.8) == 0.3
+    probabilities = {"classifier": 0.9, "head": 0.4}
+    assert evaluation.gate_probability(probabilities, "classifier") == 0.9
+    assert evaluation.gate_probability(probabilities, "head") == 0.4
+    assert evaluation.gate_probability(probabilities, evaluation.CLASSIFIER_AND_HEAD) == 0.4
+
+
+def test_the_joint_cut_stops_a_negative_that_one_model_mistakes() -> None:
+    """Scarce negatives (auto): the cut is the lowest validation positive's lower probability, 0.8 here.
+    A negative the classifier scores 0.95 passes the classifier's own cut (0.85) but not the joint one,
+    since the head gives it 0.3."""
+    positives = [(0.85, 0.99), (0.9, 0.8), (0.97, 0.95)] * 4  # 12 positives: enough to place the cut alone
+    negatives = [(0.1, 0.2), (0.2, 0.1)]  # 2 negatives: too few for balanced accuracy under auto
+    labels = [True] * len(positives) + [False] * len(negatives)
+    classifier = [pair[0] for pair in positives + negatives]
+    head = [pair[1] for pair in positives + negatives]
+    joint = evaluation.choose_joint_gate_threshold(labels, classifier, head, "auto")
+    alone = evaluation.choose_joint_gate_threshold(labels, classifier, classifier, "auto")
+    assert (joint.threshold, joint.rule) == (0.8, "lowest_validation_positive")
+    assert alone.threshold == 0.85  # the classifier's own cut (its probability twice: the minimum is itself)
+    unseen_negative = {"classifier": 0.95, "head": 0.3}
+    assert evaluation.gate_probability(unseen_negative, "classifier") >= alone.threshold
+    assert evaluation.gate_probability(unseen_negative, evaluation.CLASSIFIER_AND_HEAD) < joint.threshold
+    # Balanced accuracy where both classes are plentiful: the cut separates the lower probabilities.
+    labels = [True] * 10 + [False] * 10
+    classifier = [0.9] * 10 + [0.95] * 5 + [0.1] * 5  # five negatives the classifier mistakes...
+    head = [0.8] * 10 + [0.2] * 10  # ...which the head does not
+    balanced = evaluation.choose_joint_gate_threshold(labels, classifier, head, "balanced_accuracy")
+    assert 0.2 < balanced.threshold <= 0.8
+    with pytest.raises(ValueError):
+        evaluation.choose_joint_gate_threshold([True, False], [0.5, 0.4], [0.3], "auto")
+
+
+def test_metrics_gain_the_joint_gate_rows_only_when_it_has_a_cut() -> None:
+    """Tiles: two positives both models pass, a negative the classifier mistakes (0.95, the head 0.2) and a
+    negative both reject. At a joint cut of 0.5 the two positives pass, and the mistaken negative does not."""
+    truth = np.zeros((10, 10), dtype=bool)
+    truth[:5] = True  # 50 px of lesion on each positive tile
+    empty = np.zeros((10, 10), dtype=bool)
+    everything = np.ones((10, 10), dtype=bool)
+    records = [
+        evaluation.TestTile(
+            tile=Tile(f"t{index}.png", "SSA" if positive else "HP", "test", positive),
+            prediction=truth.copy() if positive else everything.copy(),
+            pseudo=empty,
+            cam_mask=empty,
+            tissue=everything,
+            truth=truth.copy() if positive else empty.copy(),
+            classifier_probability=classifier,
+            head_probability=head,
+        )
+        for index, (positive, classifier, head) in enumerate(
+            [(True, 0.9, 0.9), (True, 0.6, 0.7), (False, 0.95, 0.2), (False, 0.1, 0.1)]
+        )
+    ]
+    without = evaluation.compute_metrics(records, 0.5, 10, has_truth=True, classifier_threshold=0.5)
+    assert "classifier_and_head" not in without and "segmenter_classifier_and_head_gated" not in without
+    assert "tissue_if_classifier_and_head_positive" not in without["baseline"]
+    result = evaluation.compute_metrics(records, 0.5, 10, has_truth=True, classifier_threshold=0.5, joint_threshold=0.5)
+    decision = result["classifier_and_head"]
+    assert (decision["threshold"], decision["sensitivity"], decision["specificity"]) == (0.5, 1.0, 1.0)
+    # Kept: the positives' 2 x 50 exact pixels.
+    assert result["segmenter_classifier_and_head_gated"]["vs_truth"]["iou"] == pytest.approx(1.0)
+    # The classifier alone also keeps the negative it mistakes, whose 100 px are all false.
+    assert result["segmenter_classifier_gated"]["vs_truth"]["iou"] == pytest.approx(100 / 200)
+    # All tissue (2 x 100 px) on the two tiles passed: 100 px of lesion.
+    assert result["baseline"]["tissue_if_classifier_and_head_positive"]["vs_truth"]["iou"] == pytest.approx(100 / 200)
+    assert result["baseline"]["tissue_if_classified_positive"]["vs_truth"]["iou"] == pytest.approx(100 / 300)

@@ -355,3 +355,43 @@ def test_classifier_tile_decision_uses_its_checkpoint_threshold(
     assert float(row["tile_probability"]) == pytest.approx(0.7, abs=1e-4)
     # 0.7 is above --threshold (0.5, the pixels') but below the stored 0.8: negative, and the gate empties the mask.
     assert (row["tile_threshold"], row["tile_positive"], row["predicted_area_pixels"]) == ("0.800000", "0", "0")
+
+
+def test_the_gate_of_both_models_decides_on_the_lower_probability(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--classifier-and-head-threshold: the decision is the lower of the two probabilities (the head's 0.7 here,
+    the classifier's 0.95) at that cut: 0.6 passes the tile, 0.8 empties its mask although the classifier
+    alone clears its own stored cut (0.5)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png(inputs / "a.png", _tissue_image(TILE, TILE, rng))
+    _segmenter_with_head(tmp_path / "segmenter.pt", 0.5)
+    _constant_classifier(tmp_path / "classifier.pt", 0.95, 0.5)
+    rows = {}
+    for cut in ("0.6", "0.8"):
+        argv = _predict_argv(
+            inputs,
+            tmp_path / cut,
+            tmp_path / "segmenter.pt",
+            "--classifier",
+            str(tmp_path / "classifier.pt"),
+            "--gate",
+            "--classifier-and-head-threshold",
+            cut,
+        )
+        assert predict.main(argv) == 0
+        rows[cut] = _read_rows(tmp_path / cut)["a.png"]
+    for cut, row in rows.items():
+        assert row["tile_probability_source"] == "classifier_and_head"
+        assert float(row["tile_probability"]) == pytest.approx(HEAD_PROBABILITY, abs=1e-4)
+        assert float(row["tile_threshold"]) == float(cut)
+    assert rows["0.6"]["tile_positive"] == "1" and int(rows["0.6"]["predicted_area_pixels"]) > 0
+    assert (rows["0.8"]["tile_positive"], rows["0.8"]["predicted_area_pixels"]) == ("0", "0")
+    # The cut needs the classifier and a probability's range.
+    for extra, named in (
+        (["--classifier-and-head-threshold", "0.6"], "needs --classifier"),
+        (["--classifier", "c.pt", "--classifier-and-head-threshold", "1.5"], "between 0 and 1"),
+    ):
+        assert predict.main(_predict_argv(inputs, tmp_path / "bad", tmp_path / "segmenter.pt", *extra)) == 2
+        assert named in capsys.readouterr().err

@@ -7,6 +7,7 @@ has them) true masks, runs the classifier and the segmenter, and returns one
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from weakseg.params import RefineParams, StageParams
 from weakseg.pseudo_masks import needs_normal_tissue_estimate, resolve_quantiles
 from weakseg.refine import RefineInputError, mask_from_probability, threshold_cam
 from weakseg.sliding_window import predict_images
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,13 @@ def validation_joint_threshold(
     choice = choose_joint_gate_threshold(
         labels, classifier_probabilities, head_probabilities, params.classifier.decision_rule
     )
+    (LOGGER.warning if choice.reason else LOGGER.info)(
+        "classifier_and_head gate: cut %.4f on %d validation tiles (%s)%s",
+        choice.threshold,
+        len(validation),
+        choice.rule,
+        f"; {choice.reason}" if choice.reason else "",
+    )
     return choice.threshold
 
 
@@ -163,7 +173,9 @@ def score_tiles(
     head_threshold = segmenter.head_threshold
     joint_threshold = None
     if settings.segmenter_gate == CLASSIFIER_AND_HEAD:
-        joint_threshold = validation_joint_threshold(params, inputs, forward, segmenter.preprocessing, device)
+        # Tile probabilities do not depend on test-time augmentation: the plain forward is enough.
+        plain_forward = make_forward(segmenter.model, classifier.model)
+        joint_threshold = validation_joint_threshold(params, inputs, plain_forward, segmenter.preprocessing, device)
     # The tile decision that gates the segmenter's mask.
     gate_threshold = {
         "classifier": classifier_threshold,

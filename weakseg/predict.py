@@ -78,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--gate",
         action="store_true",
         help="empty the mask of a tile whose tile decision is negative (as evaluate.segmenter_gate: classifier "
-        "does; with --classifier the classifier decides, else the segmenter head)",
+        "does; with --classifier the classifier decides, with --classifier-and-head-threshold too both models, "
+        "else the segmenter head)",
+    )
+    parser.add_argument(
+        "--classifier-and-head-threshold",
+        type=float,
+        default=None,
+        help="with --classifier: the tile decision is the lower of the classifier's and the segmenter head's "
+        "probabilities at this cut (as evaluate.segmenter_gate: classifier_and_head, weakseg's default; the cut "
+        "evaluate chose on validation is classifier_and_head.threshold in metrics/evaluate.json)",
     )
     parser.add_argument(
         "--fill-holes",
@@ -116,6 +125,11 @@ def parse_options(argv: Sequence[str] | None) -> PredictOptions:
         raise PredictInputError(f"--batch-size must be >= 1, got {arguments.batch_size}")
     if arguments.overlap is not None and arguments.overlap < 0:
         raise PredictInputError(f"--overlap must be >= 0, got {arguments.overlap}")
+    joint = arguments.classifier_and_head_threshold
+    if joint is not None and not 0.0 <= joint <= 1.0:
+        raise PredictInputError(f"--classifier-and-head-threshold must be between 0 and 1, got {joint}")
+    if joint is not None and arguments.classifier is None:
+        raise PredictInputError("--classifier-and-head-threshold needs --classifier (the gate takes both models)")
     if arguments.workers < 1:
         raise PredictInputError(f"--workers must be >= 1, got {arguments.workers}")
     for flag, value in (
@@ -142,6 +156,7 @@ def parse_options(argv: Sequence[str] | None) -> PredictOptions:
         gate=arguments.gate,
         test_time_augmentation=arguments.test_time_augmentation,
         fill_holes=arguments.fill_holes,
+        classifier_and_head_threshold=joint,
     )
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from weakseg import figures
 from weakseg.distributed import select_device
 from weakseg.errors import UserInputError
+from weakseg.evaluation import CLASSIFIER_AND_HEAD, gate_probability
 from weakseg.inference import LoadedModel, load_model, make_forward
 from weakseg.io import ImageReadError, read_rgb, write_csv, write_png
 from weakseg.refine import mask_from_probability
@@ -76,6 +77,9 @@ class PredictOptions:
     gate: bool = False  # empty the mask of a tile whose tile decision is negative (evaluate.segmenter_gate)
     test_time_augmentation: str = "none"  # "dihedral": pixel logits averaged over 8 rotations and flips
     fill_holes: bool = False  # add the regions each mask encloses (evaluate.fill_holes)
+    # With a classifier: the tile decision is the lower of its and the head's probabilities at this cut
+    # (evaluate.segmenter_gate: classifier_and_head, whose cut evaluate writes to metrics/evaluate.json).
+    classifier_and_head_threshold: float | None = None
 
 
 @dataclass
@@ -135,8 +139,10 @@ def summarize(
     gate: bool = False,
     classifier_threshold: float | None = None,
     fill_holes: bool = False,
+    classifier_and_head_threshold: float | None = None,
 ) -> TileResult:
-    """The mask (thresholded, inside tissue) and tile probability (classifier if present, else the head).
+    """The mask (thresholded, inside tissue) and tile probability (classifier if present, else the head;
+    the lower of both with ``classifier_and_head_threshold``).
 
     Args:
         prediction: one image's model outputs.
@@ -147,6 +153,9 @@ def summarize(
         classifier_threshold: the classifier's tile threshold (from its checkpoint); ``threshold`` if None.
         fill_holes: after the tissue restriction, add the regions the mask encloses
             (:func:`weakseg.refine.fill_enclosed_holes`, as ``evaluate.fill_holes``).
+        classifier_and_head_threshold: with a classifier's probability in ``prediction``, the tile decision
+            is :func:`weakseg.evaluation.joint_gate_probability` at this cut (``evaluate.segmenter_gate:
+            classifier_and_head``).
 
     Raises:
         PredictInputError: if the prediction has no probability map (no segmenter ran).
@@ -155,11 +164,13 @@ def summarize(
         raise PredictInputError("predict needs the segmenter's probability map, and the prediction has none")
     mask = mask_from_probability(prediction.probability, threshold, tissue, fill_holes)
     source = "classifier" if "classifier" in prediction.tile_probabilities else "head"
-    tile_probability = prediction.tile_probabilities[source]
-    if source == "classifier":
+    if source == "classifier" and classifier_and_head_threshold is not None:
+        source, tile_threshold = CLASSIFIER_AND_HEAD, classifier_and_head_threshold
+    elif source == "classifier":
         tile_threshold = threshold if classifier_threshold is None else classifier_threshold
     else:
         tile_threshold = head_threshold
+    tile_probability = gate_probability(prediction.tile_probabilities, source)
     if gate and tile_probability < tile_threshold:
         mask = np.zeros_like(mask)
     return TileResult(
@@ -276,6 +287,7 @@ def run_predict(options: PredictOptions) -> list[str]:
                 options.gate,
                 classifier_threshold=classifier.decision_threshold if classifier is not None else None,
                 fill_holes=options.fill_holes,
+                classifier_and_head_threshold=options.classifier_and_head_threshold,
             )
             writes.append(pool.submit(write_outputs, options.output, prepared, result))
             while len(writes) > 2 * options.batch_size:

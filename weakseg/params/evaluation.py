@@ -26,7 +26,8 @@ class EvaluateParams(_Strict):
         "a tile the segmenter's own classification head calls negative, at the threshold train_segmenter "
         "chose on validation (weakseg-predict --gate); 'classifier_and_head': of a tile whose lower probability "
         "of the two is below a cut evaluate chooses on the validation split of train by "
-        "classifier.decision_rule (weakseg-predict has no such gate yet).",
+        "classifier.decision_rule and writes to metrics/evaluate.json as classifier_and_head.threshold "
+        "(weakseg-predict --gate --classifier --classifier-and-head-threshold).",
     )
     test_time_augmentation: Literal["none", "dihedral"] = Field(
         "none",
