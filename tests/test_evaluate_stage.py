@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -316,7 +316,12 @@ def test_the_gate_of_both_models_cuts_their_lower_probability_where_validation_p
     forced: list[float] = []
     real_choice = evaluation_inputs.choose_joint_gate_threshold
 
-    def recording_choice(labels, classifier_probabilities, head_probabilities, rule):  # type: ignore[no-untyped-def]
+    def recording_choice(
+        labels: Sequence[bool],
+        classifier_probabilities: Sequence[float],
+        head_probabilities: Sequence[float],
+        rule: str,
+    ) -> metrics.ThresholdChoice:
         calls.append((list(labels), list(classifier_probabilities), list(head_probabilities), rule))
         choice = real_choice(labels, classifier_probabilities, head_probabilities, rule)
         return metrics.ThresholdChoice(forced[-1]) if forced else choice
