@@ -115,7 +115,7 @@ VARIANT_ROWS = {
     "weakseg_ungated": (
         "weakseg",
         "segmenter_ungated.vs_truth",
-        "ablation: weakseg without the classifier's gate (evaluate.segmenter_gate: none)",
+        "ablation: weakseg without a gate (evaluate.segmenter_gate: none)",
     ),
     "weakseg_head_gated": (
         "weakseg",
